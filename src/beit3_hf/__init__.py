@@ -1,0 +1,66 @@
+"""BEiT-3 for Hugging Face transformers.
+
+Importing this package registers the BEiT-3 classes with the transformers Auto classes in this process, and marks
+them for `save_pretrained` to copy their code into every saved folder, so that the folder also loads with
+`trust_remote_code=True` where this package is not installed.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForVisualQuestionAnswering,
+    AutoModelForZeroShotImageClassification,
+)
+
+from .configuration_beit3 import BEIT3_PRESETS, Beit3Config
+from .modeling_beit3 import (
+    Beit3ForImageClassification,
+    Beit3ForImageTextRetrieval,
+    Beit3ForVisualQuestionAnswering,
+    Beit3ForVisualReasoning,
+    Beit3ImageTextRetrievalOutput,
+    Beit3Model,
+    Beit3PreTrainedModel,
+)
+
+__version__ = "0.1.0.dev0"
+
+_MODEL_CLASSES = (
+    Beit3Model,
+    Beit3ForImageClassification,
+    Beit3ForImageTextRetrieval,
+    Beit3ForVisualQuestionAnswering,
+    Beit3ForVisualReasoning,
+)
+
+
+def _register() -> None:
+    AutoConfig.register(Beit3Config.model_type, Beit3Config, exist_ok=True)
+    # AutoModel maps the config to every BEiT-3 class and picks by `config.architectures`, so a checkpoint loads as
+    # its own class (no head dropped) in this process too; a bare config builds a Beit3Model.
+    AutoModel.register(Beit3Config, _MODEL_CLASSES, exist_ok=True)
+    AutoModelForImageClassification.register(Beit3Config, Beit3ForImageClassification, exist_ok=True)
+    AutoModelForZeroShotImageClassification.register(Beit3Config, Beit3ForImageTextRetrieval, exist_ok=True)
+    AutoModelForVisualQuestionAnswering.register(Beit3Config, Beit3ForVisualQuestionAnswering, exist_ok=True)
+
+    Beit3Config.register_for_auto_class()
+    for model_class in _MODEL_CLASSES:
+        # Each class's `auto_map` entries are written by `Beit3PreTrainedModel.post_init`; the Auto class given here
+        # only marks the class as remote code so that `save_pretrained` copies the modeling files.
+        model_class.register_for_auto_class(model_class._task_auto_class or "AutoModel")
+
+
+_register()
+
+__all__ = [
+    "BEIT3_PRESETS",
+    "Beit3Config",
+    "Beit3ForImageClassification",
+    "Beit3ForImageTextRetrieval",
+    "Beit3ForVisualQuestionAnswering",
+    "Beit3ForVisualReasoning",
+    "Beit3ImageTextRetrievalOutput",
+    "Beit3Model",
+    "Beit3PreTrainedModel",
+]

@@ -1,0 +1,908 @@
+"""PyTorch BEiT-3: the Multiway Transformer of "Image as a Foreign Language" (Wang et al. 2022, arXiv:2208.10442).
+
+Original implementation: https://github.com/microsoft/unilm/tree/master/beit3 on top of torchscale (MIT licence).
+This is an independent re-implementation in the structure of `transformers`; `beit3_hf.convert` maps the original
+checkpoints onto it exactly.
+
+How BEiT-3 differs from a ViT: the encoder runs over one sequence `[vision tokens; text tokens]` whose attention is
+joint, but every projection, layer norm and feed-forward block exists twice, as a *vision expert* and a *text expert*.
+`Beit3Multiway` routes the first `split_position` tokens (the vision tokens) to the vision expert and the rest to the
+text expert. Blocks are pre-LN with Magneto sub-LNs: a layer norm before the attention output projection and one
+inside the feed-forward block.
+
+Conventions at the boundary are the ones of `transformers`: `pixel_values` (batch, channels, height, width),
+`input_ids` (batch, text_len) and `attention_mask` with 1 = attend (the original uses 1 = pad).
+
+This file is remote code: it imports only torch, transformers, the standard library and `configuration_beit3`.
+
+```bibtex
+@inproceedings{wang2023beit3,
+  title={Image as a Foreign Language: {BEiT} Pretraining for Vision and Vision-Language Tasks},
+  author={Wang, Wenhui and Bao, Hangbo and Dong, Li and Bjorck, Johan and Peng, Zhiliang and Liu, Qiang and
+          Aggarwal, Kriti and Mohammed, Owais Khan and Singhal, Saksham and Som, Subhojit and Wei, Furu},
+  booktitle={CVPR}, year={2023}
+}
+
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput, SequenceClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_beit3 import Beit3Config
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Beit3ImageTextRetrievalOutput(ModelOutput):
+    """Output of `Beit3ForImageTextRetrieval` (the fields of `CLIPOutput` without the tower outputs).
+
+    Args:
+        loss: symmetric image-text contrastive loss over the batch, when `return_loss=True`.
+        logits_per_image: (num_images, num_texts) scaled cosine similarities.
+        logits_per_text: (num_texts, num_images), the transpose of `logits_per_image`.
+        image_embeds: (num_images, hidden_size) L2-normalised image embeddings.
+        text_embeds: (num_texts, hidden_size) L2-normalised text embeddings.
+    """
+
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Beit3Multiway(nn.Module):
+    """A vision expert and a text expert applied to the two parts of one token sequence.
+
+    Tokens `[:split_position]` go through `vision`, tokens `[split_position:]` through `text`; the sequence axis is 1.
+    `split_position == seq_len` is a vision-only sequence and `split_position == 0` a text-only one.
+    """
+
+    def __init__(self, vision: nn.Module, text: nn.Module) -> None:
+        super().__init__()
+        self.vision = vision
+        self.text = text
+
+    def forward(self, hidden_states: torch.Tensor, split_position: int) -> torch.Tensor:
+        seq_len = hidden_states.shape[1]
+        if split_position >= seq_len:
+            return self.vision(hidden_states)
+        if split_position <= 0:
+            return self.text(hidden_states)
+        vision_states, text_states = hidden_states.split([split_position, seq_len - split_position], dim=1)
+        return torch.cat([self.vision(vision_states), self.text(text_states)], dim=1)
+
+
+def _multiway(factory: Callable[[], nn.Module]) -> Beit3Multiway:
+    return Beit3Multiway(vision=factory(), text=factory())
+
+
+class Beit3DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch of a sample with probability `drop_prob` while training."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep_prob = 1.0 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)  # one draw per sample
+        keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
+        return hidden_states * keep / keep_prob
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+def resize_patch_position_embeddings(
+    patch_positions: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
+) -> torch.Tensor:
+    """Resize a (old_h * old_w, hidden) table of patch position embeddings to (new_h * new_w, hidden).
+
+    Bicubic interpolation with `align_corners=False`, as the original's `load_model_and_may_interpolate`. It runs in
+    float32 whatever the table's dtype (bicubic interpolation is not implemented for half precision on every device,
+    the cause of unilm issue #1056) and returns the input dtype.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return patch_positions
+    hidden_size = patch_positions.shape[-1]
+    grid = patch_positions.reshape(1, old_grid[0], old_grid[1], hidden_size).permute(0, 3, 1, 2)  # (1, hidden, h, w)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], hidden_size).to(patch_positions.dtype)
+
+
+class Beit3VisionEmbeddings(nn.Module):
+    """Patch embedding, optional mask-token replacement (masked image modelling), CLS token and positions."""
+
+    def __init__(self, config: Beit3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.patch_size = config.patch_size
+        self.grid_size = (config.image_size // config.patch_size,) * 2
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        # Row 0 is the CLS token, rows 1.. the patches in raster order.
+        self.position_embedding = nn.Embedding(config.num_patches + 1, config.hidden_size)
+
+    def num_tokens(self, height: int, width: int) -> int:
+        """Length of the vision sequence (patches + CLS) of a `height` x `width` image."""
+        return (height // self.patch_size) * (width // self.patch_size) + 1
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> None:
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}."
+            )
+        if pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} channels, the model expects {self.config.num_channels}."
+            )
+        height, width = pixel_values.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"Image size ({height}x{width}) must be a multiple of the patch size {self.patch_size}.")
+        if not interpolate_pos_encoding and (height, width) != (self.config.image_size,) * 2:
+            raise ValueError(
+                f"Input image size ({height}x{width}) doesn't match the model ({self.config.image_size}x"
+                f"{self.config.image_size}). Pass interpolate_pos_encoding=True to run at another resolution."
+            )
+
+    def position_embeddings(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(1 + grid_h * grid_w, hidden) position embeddings: CLS row, then patch rows resized to `grid`."""
+        table = self.position_embedding.weight
+        patch_positions = resize_patch_position_embeddings(table[1:], self.grid_size, grid)
+        return torch.cat([table[:1], patch_positions], dim=0)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.Tensor:
+        self._check_pixel_values(pixel_values, interpolate_pos_encoding)
+        batch_size, _, height, width = pixel_values.shape
+        weight = self.patch_embedding.weight
+        embeddings = self.patch_embedding(pixel_values.to(weight.dtype))  # (batch, hidden, grid_h, grid_w)
+        embeddings = embeddings.flatten(2).transpose(1, 2)  # (batch, num_patches, hidden)
+        if bool_masked_pos is not None:
+            if bool_masked_pos.shape != embeddings.shape[:2]:
+                raise ValueError(
+                    f"bool_masked_pos must have shape (batch, num_patches) = {tuple(embeddings.shape[:2])}, got "
+                    f"{tuple(bool_masked_pos.shape)}."
+                )
+            masked = bool_masked_pos.unsqueeze(-1).to(embeddings.dtype)
+            embeddings = embeddings * (1.0 - masked) + self.mask_token.to(embeddings.dtype) * masked
+        cls_tokens = self.cls_token.to(embeddings.dtype).expand(batch_size, -1, -1)
+        embeddings = torch.cat([cls_tokens, embeddings], dim=1)  # (batch, 1 + num_patches, hidden)
+        grid = (height // self.patch_size, width // self.patch_size)
+        return embeddings + self.position_embeddings(grid).to(embeddings.dtype)
+
+
+class Beit3TextEmbeddings(nn.Module):
+    """Token embeddings plus learned absolute positions (no scaling, no layer norm, as the original)."""
+
+    def __init__(self, config: Beit3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.token_embedding.init_std = config.hidden_size**-0.5  # torchscale's TextEmbedding init; see _init_weights
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch, text_len), got {tuple(input_ids.shape)}.")
+        text_len = input_ids.shape[1]
+        if position_offset + text_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Text of {position_offset + text_len} tokens is longer than the position table "
+                f"(max_position_embeddings={self.config.max_position_embeddings}); truncate it."
+            )
+        position_ids = torch.arange(position_offset, position_offset + text_len, device=input_ids.device)
+        return self.token_embedding(input_ids) + self.position_embedding(position_ids)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention: (batch, heads, q_len, head_dim) inputs, additive mask, softmax in float32."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (batch, heads, q_len, kv_len)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (batch, q_len, heads, head_dim)
+    return attn_output, attn_weights
+
+
+class Beit3Attention(nn.Module):
+    """Joint self-attention over the vision and text tokens; projections and the sub-LN are Multiway."""
+
+    def __init__(self, config: Beit3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        hidden = config.hidden_size
+        self.q_proj = _multiway(lambda: nn.Linear(hidden, hidden))
+        self.k_proj = _multiway(lambda: nn.Linear(hidden, hidden))
+        self.v_proj = _multiway(lambda: nn.Linear(hidden, hidden))
+        self.sub_layernorm = _multiway(lambda: nn.LayerNorm(hidden, eps=config.layer_norm_eps))
+        self.out_proj = _multiway(lambda: nn.Linear(hidden, hidden))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        split_position: int,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len, _ = hidden_states.shape
+        heads_shape = (batch_size, seq_len, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states, split_position).view(heads_shape).transpose(1, 2)  # (batch, heads, seq, hd)
+        key = self.k_proj(hidden_states, split_position).view(heads_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states, split_position).view(heads_shape).transpose(1, 2)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            output_attentions=output_attentions,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_len, -1)  # (batch, seq, hidden)
+        attn_output = self.sub_layernorm(attn_output, split_position)
+        return self.out_proj(attn_output, split_position), attn_weights
+
+
+class Beit3FeedForward(nn.Module):
+    """fc1 -> GELU (in float32, as the original) -> sub-LN -> fc2. One instance per expert."""
+
+    def __init__(self, config: Beit3Config) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.sub_layernorm = nn.LayerNorm(config.intermediate_size, eps=config.layer_norm_eps)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.fc1(hidden_states)
+        hidden_states = F.gelu(hidden_states.float()).to(hidden_states.dtype)
+        return self.fc2(self.sub_layernorm(hidden_states))
+
+
+class Beit3EncoderLayer(GradientCheckpointingLayer):
+    """Pre-LN block: `x + attn(LN(x))`, then `x + ffn(LN(x))`, every LN and the FFN Multiway."""
+
+    def __init__(self, config: Beit3Config, drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        norm = lambda: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # noqa: E731
+        self.layernorm_before = _multiway(norm)
+        self.self_attn = Beit3Attention(config)
+        self.layernorm_after = _multiway(norm)
+        self.ffn = _multiway(lambda: Beit3FeedForward(config))
+        self.drop_path = Beit3DropPath(drop_path_rate)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        split_position: int,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.self_attn(
+            self.layernorm_before(hidden_states, split_position), split_position, attention_mask, output_attentions
+        )
+        hidden_states = hidden_states + self.drop_path(attn_output)
+        ffn_output = self.ffn(self.layernorm_after(hidden_states, split_position), split_position)
+        hidden_states = hidden_states + self.drop_path(ffn_output)
+        return hidden_states, attn_weights
+
+
+class Beit3Encoder(nn.Module):
+    def __init__(self, config: Beit3Config) -> None:
+        super().__init__()
+        num_layers = config.num_hidden_layers
+        # Stochastic depth grows linearly from 0 (first layer) to drop_path_rate (last layer), as the original.
+        rates = [config.drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
+        self.layers = nn.ModuleList(Beit3EncoderLayer(config, rate) for rate in rates)
+        norm = lambda: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # noqa: E731
+        self.layernorm = _multiway(norm) if config.use_final_layernorm else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        split_position: int,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutput:
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, attn_weights = layer(hidden_states, split_position, attention_mask, output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        if self.layernorm is not None:
+            hidden_states = self.layernorm(hidden_states, split_position)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+        )
+
+
+def padding_mask_to_attention_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, kv_len) mask with 1 = attend -> (batch, 1, 1, kv_len) additive bias: 0 to attend, dtype-min to skip.
+
+    The finite minimum (rather than -inf) keeps a fully padded row finite instead of NaN.
+    """
+    bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
+    bias = bias.masked_fill(key_mask == 0, torch.finfo(dtype).min)
+    return bias[:, None, None, :]
+
+
+class Beit3ClassificationHead(nn.Module):
+    """[LayerNorm ->] Linear -> LayerNorm -> GELU -> Linear: the VQA head (no input norm) and the NLVR2 head."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        num_labels: int,
+        eps: float,
+        normalize_input: bool,
+        init_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(in_features, eps=eps) if normalize_input else None
+        self.dense = nn.Linear(in_features, hidden_features)
+        self.layernorm = nn.LayerNorm(hidden_features, eps=eps)
+        self.activation = nn.GELU()
+        self.out_proj = nn.Linear(hidden_features, num_labels)
+        # The original multiplies the initial weights of some heads by 0.001; `_init_weights` reads `init_scale`.
+        self.dense.init_scale = self.out_proj.init_scale = init_scale
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.input_layernorm is not None:
+            features = self.input_layernorm(features)
+        return self.out_proj(self.activation(self.layernorm(self.dense(features))))
+
+
+class Beit3Pooler(nn.Module):
+    """LayerNorm -> Linear -> tanh on the first token (the VQA pooler)."""
+
+    def __init__(self, config: Beit3Config) -> None:
+        super().__init__()
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(self.layernorm(hidden_states[:, 0])))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Beit3PreTrainedModel(PreTrainedModel):
+    config_class = Beit3Config
+    base_model_prefix = "beit3"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Beit3VisionEmbeddings", "Beit3TextEmbeddings", "Beit3EncoderLayer"]
+    _supports_sdpa = True
+    # The task Auto class (besides AutoModel) a saved checkpoint of this class declares in `auto_map`.
+    _task_auto_class: str | None = None
+
+    def post_init(self) -> None:
+        super().post_init()
+        # A checkpoint folder must load as its own class through AutoModel (so no head weights are dropped) and
+        # through its task Auto class: `auto_map` names this class for both, next to the config. `save_pretrained`
+        # copies the code files next to it once the classes are registered (see `beit3_hf/__init__.py`).
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        model_reference = f"{module}.{type(self).__name__}"
+        # Entries of other model classes (a config shared by several models) must not leak into this checkpoint.
+        auto_map = {
+            auto_class: reference
+            for auto_class, reference in (getattr(self.config, "auto_map", None) or {}).items()
+            if not (isinstance(reference, str) and reference.startswith(f"{module}."))
+        }
+        auto_map["AutoConfig"] = f"{type(self.config).__module__.rsplit('.', 1)[-1]}.{type(self.config).__name__}"
+        auto_map["AutoModel"] = model_reference
+        if self._task_auto_class is not None:
+            auto_map[self._task_auto_class] = model_reference
+        self.config.auto_map = auto_map
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers skips modules without parameters of their own, so every rule here is on the module that owns
+        # the parameters; head-specific scales travel as `init_scale` / `init_std` attributes set by the owner.
+        # Linear and LayerNorm follow the original `BEiT3Wrapper._init_weights`: a normal truncated at +-1 std.
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            std = self.config.initializer_range * getattr(module, "init_scale", 1.0)
+            init.trunc_normal_(module.weight, std=std, a=-std, b=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            if hasattr(module, "init_std"):
+                init.normal_(module.weight, std=module.init_std)
+            else:
+                std = self.config.initializer_range
+                init.trunc_normal_(module.weight, std=std, a=-std, b=std)
+        elif isinstance(module, Beit3VisionEmbeddings):
+            init.zeros_(module.cls_token)
+            init.zeros_(module.mask_token)
+        elif isinstance(module, Beit3ForImageTextRetrieval):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+
+class Beit3Model(Beit3PreTrainedModel):
+    r"""The BEiT-3 encoder: images, texts, or image-text pairs in one Multiway Transformer.
+
+    `last_hidden_state` is the sequence `[vision tokens; text tokens]`: the CLS token and the patches of the image
+    (`1 + (H / patch) * (W / patch)` tokens) followed by the text tokens, after the final Multiway layer norm when the
+    config has one. Vision-only inputs use the vision experts throughout, text-only inputs the text experts.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from beit3_hf import Beit3Config, Beit3Model
+    >>> config = Beit3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    ...                      image_size=32, patch_size=16, vocab_size=100)
+    >>> model = Beit3Model(config).eval()
+    >>> pixel_values = torch.randn(2, 3, 32, 32)
+    >>> input_ids = torch.tensor([[0, 5, 6, 2], [0, 7, 2, 1]])
+    >>> attention_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    >>> model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.shape
+    torch.Size([2, 9, 64])
+    >>> model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.shape
+    torch.Size([2, 4, 64])
+
+    ```
+    """
+
+    def __init__(self, config: Beit3Config) -> None:
+        super().__init__(config)
+        self.vision_embeddings = Beit3VisionEmbeddings(config)
+        self.text_embeddings = Beit3TextEmbeddings(config)
+        self.encoder = Beit3Encoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.text_embeddings.token_embedding = value
+
+    def embed(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """Embed the inputs into one sequence; returns (embeddings, split_position, key mask with 1 = attend)."""
+        if pixel_values is None and input_ids is None:
+            raise ValueError("Pass pixel_values, input_ids, or both.")
+        if attention_mask is not None:
+            if input_ids is None:
+                raise ValueError("attention_mask masks text tokens, but no input_ids were given.")
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} doesn't match input_ids shape "
+                    f"{tuple(input_ids.shape)}."
+                )
+        parts, key_mask = [], None
+        if pixel_values is not None:
+            parts.append(self.vision_embeddings(pixel_values, bool_masked_pos, interpolate_pos_encoding))
+        split_position = parts[0].shape[1] if parts else 0
+        if input_ids is not None:
+            text_embeddings = self.text_embeddings(input_ids)
+            if attention_mask is not None:
+                # The original zeroes the embeddings of padding tokens; it only changes the outputs at those tokens.
+                text_embeddings = text_embeddings * attention_mask.unsqueeze(-1).to(text_embeddings.dtype)
+                vision_mask = attention_mask.new_ones(attention_mask.shape[0], split_position)
+                key_mask = torch.cat([vision_mask, attention_mask], dim=1)
+            parts.append(text_embeddings)
+        if len(parts) == 2 and parts[0].shape[0] != parts[1].shape[0]:
+            raise ValueError(
+                f"pixel_values has batch size {parts[0].shape[0]} but input_ids has {parts[1].shape[0]}; an image-text "
+                "pair input needs one image per text."
+            )
+        embeddings = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (batch, vision_len + text_len, hidden)
+        return embeddings, split_position, key_mask
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> BaseModelOutput:
+        r"""
+        Args:
+            pixel_values: (batch, channels, height, width) images.
+            input_ids: (batch, text_len) token ids, `<s> ... </s>` followed by padding.
+            attention_mask: (batch, text_len), 1 for tokens to attend to and 0 for padding.
+            bool_masked_pos: (batch, num_patches), True where a patch is replaced by the mask token.
+            interpolate_pos_encoding: resize the vision position embeddings to the input resolution.
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        embeddings, split_position, key_mask = self.embed(
+            pixel_values, input_ids, attention_mask, bool_masked_pos, interpolate_pos_encoding
+        )
+        attention_bias = None if key_mask is None else padding_mask_to_attention_bias(key_mask, embeddings.dtype)
+        return self.encoder(embeddings, split_position, attention_bias, output_attentions, output_hidden_states)
+
+
+class Beit3ForImageClassification(Beit3PreTrainedModel):
+    r"""BEiT-3 with an image classification head: mean of the patch tokens -> LayerNorm -> Linear.
+
+    The released ImageNet checkpoints have no final encoder layer norm (`use_final_layernorm=False`). Integer
+    `labels` give a cross-entropy loss; float `labels` of the logits' shape (mixup / cutmix targets) give the
+    soft-target cross-entropy of the original recipe; `config.problem_type` `"multi_label_classification"` or
+    `"regression"` select BCE or MSE as in `transformers`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from beit3_hf import Beit3Config, Beit3ForImageClassification
+    >>> config = Beit3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    ...                      image_size=32, patch_size=16, vocab_size=100, use_final_layernorm=False, num_labels=10)
+    >>> model = Beit3ForImageClassification(config)
+    >>> out = model(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([3, 7]))
+    >>> out.logits.shape, out.loss.ndim
+    (torch.Size([2, 10]), 0)
+
+    ```
+    """
+
+    _task_auto_class = "AutoModelForImageClassification"
+
+    def __init__(self, config: Beit3Config) -> None:
+        super().__init__(config)
+        self.beit3 = Beit3Model(config)
+        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.classifier.init_scale = 0.001  # the original starts the classifier at 0.001 x its usual init
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> ImageClassifierOutput:
+        if pixel_values is None:
+            raise ValueError("Beit3ForImageClassification needs pixel_values.")
+        outputs = self.beit3(
+            pixel_values=pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        pooled = self.fc_norm(outputs.last_hidden_state[:, 1:].mean(dim=1))  # mean over patches, CLS excluded
+        logits = self.classifier(pooled)
+        loss = None if labels is None else self._classification_loss(logits, labels)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        problem_type = self.config.problem_type
+        if problem_type == "regression":
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        if problem_type == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        if labels.is_floating_point():
+            if labels.shape != logits.shape:
+                raise ValueError(
+                    f"Float labels are soft targets and must have the logits' shape {tuple(logits.shape)}, got "
+                    f"{tuple(labels.shape)}."
+                )
+            return torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits.float(), labels.view(-1))
+
+
+class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
+    r"""BEiT-3 as a dual encoder for image-text retrieval (CLIP-style).
+
+    Images and texts are encoded separately (images by the vision experts, texts by the text experts); the first
+    token of each goes through a bias-free projection and is L2-normalised. `return_loss=True` gives the symmetric
+    contrastive loss over the batch with temperature `logit_scale.exp()` (not clamped, as the original).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from beit3_hf import Beit3Config, Beit3ForImageTextRetrieval
+    >>> config = Beit3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    ...                      image_size=32, patch_size=16, vocab_size=100)
+    >>> model = Beit3ForImageTextRetrieval(config)
+    >>> out = model(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.tensor([[0, 5, 2], [0, 6, 2]]),
+    ...             return_loss=True)
+    >>> out.logits_per_image.shape, torch.allclose(out.image_embeds.norm(dim=-1), torch.ones(2))
+    (torch.Size([2, 2]), True)
+
+    ```
+    """
+
+    _task_auto_class = "AutoModelForZeroShotImageClassification"
+
+    def __init__(self, config: Beit3Config) -> None:
+        super().__init__(config)
+        self.beit3 = Beit3Model(config)
+        self.vision_projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.text_projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.post_init()
+
+    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """(batch, hidden_size) L2-normalised image embeddings."""
+        hidden = self.beit3(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        return F.normalize(self.vision_projection(hidden.last_hidden_state[:, 0]), dim=-1)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, hidden_size) L2-normalised text embeddings (from the `<s>` token)."""
+        hidden = self.beit3(input_ids=input_ids, attention_mask=attention_mask)
+        return F.normalize(self.text_projection(hidden.last_hidden_state[:, 0]), dim=-1)
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> Beit3ImageTextRetrievalOutput:
+        if pixel_values is None and input_ids is None:
+            raise ValueError("Pass pixel_values, input_ids, or both.")
+        image_embeds = (
+            None if pixel_values is None else self.get_image_features(pixel_values, interpolate_pos_encoding)
+        )
+        text_embeds = None if input_ids is None else self.get_text_features(input_ids, attention_mask)
+        logits_per_image = logits_per_text = loss = None
+        if image_embeds is not None and text_embeds is not None:
+            logits_per_image = self.logit_scale.exp() * image_embeds @ text_embeds.t()  # (num_images, num_texts)
+            logits_per_text = logits_per_image.t()
+            if return_loss:
+                loss = image_text_contrastive_loss(logits_per_image)
+        elif return_loss:
+            raise ValueError("return_loss=True needs both pixel_values and input_ids.")
+        return Beit3ImageTextRetrievalOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+        )
+
+
+def image_text_contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
+    """Mean of the image->text and text->image cross-entropies; pair i of the batch is the positive of row i."""
+    if logits_per_image.shape[0] != logits_per_image.shape[1]:
+        raise ValueError(
+            f"The contrastive loss pairs image i with text i, so it needs as many texts as images; got "
+            f"{tuple(logits_per_image.shape)}."
+        )
+    targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    logits = logits_per_image.float()
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
+    r"""BEiT-3 for VQA: the fused image+question sequence, pooled at its first (vision CLS) token, then an MLP.
+
+    `labels` are soft scores of shape (batch, num_labels) (VQAv2: 0, 0.3, 0.6, 0.9 or 1 per answer); the loss is the
+    original's: mean binary cross-entropy times the number of answers.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from beit3_hf import Beit3Config, Beit3ForVisualQuestionAnswering
+    >>> config = Beit3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    ...                      image_size=32, patch_size=16, vocab_size=100, use_final_layernorm=False, num_labels=5)
+    >>> model = Beit3ForVisualQuestionAnswering(config)
+    >>> labels = torch.tensor([[0.0, 1.0, 0.3, 0.0, 0.0], [0.6, 0.0, 0.0, 0.0, 0.0]])
+    >>> out = model(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.tensor([[0, 5, 2], [0, 6, 2]]),
+    ...             labels=labels)
+    >>> out.logits.shape
+    torch.Size([2, 5])
+
+    ```
+    """
+
+    _task_auto_class = "AutoModelForVisualQuestionAnswering"
+
+    def __init__(self, config: Beit3Config) -> None:
+        super().__init__(config)
+        self.beit3 = Beit3Model(config)
+        self.pooler = Beit3Pooler(config)
+        hidden = config.hidden_size
+        self.classifier = Beit3ClassificationHead(
+            hidden, 2 * hidden, config.num_labels, config.layer_norm_eps, normalize_input=False
+        )
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> SequenceClassifierOutput:
+        if pixel_values is None or input_ids is None:
+            raise ValueError("Beit3ForVisualQuestionAnswering needs both pixel_values and input_ids.")
+        outputs = self.beit3(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.classifier(self.pooler(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape:
+                raise ValueError(
+                    f"VQA labels are soft scores of shape (batch, num_labels) = {tuple(logits.shape)}, got "
+                    f"{tuple(labels.shape)}."
+                )
+            loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float()) * labels.shape[1]
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class Beit3ForVisualReasoning(Beit3PreTrainedModel):
+    r"""BEiT-3 for NLVR2: is a statement true of a pair of images?
+
+    `pixel_values` has shape (batch, 2, channels, height, width). Each image is fused with the text; the vision CLS
+    and the first text token of both fused sequences are concatenated (4 x hidden) and classified by an MLP.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from beit3_hf import Beit3Config, Beit3ForVisualReasoning
+    >>> config = Beit3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    ...                      image_size=32, patch_size=16, vocab_size=100, num_labels=2)
+    >>> model = Beit3ForVisualReasoning(config)
+    >>> out = model(pixel_values=torch.randn(3, 2, 3, 32, 32), input_ids=torch.tensor([[0, 5, 2]] * 3),
+    ...             labels=torch.tensor([0, 1, 1]))
+    >>> out.logits.shape
+    torch.Size([3, 2])
+
+    ```
+    """
+
+    def __init__(self, config: Beit3Config) -> None:
+        super().__init__(config)
+        self.beit3 = Beit3Model(config)
+        hidden = config.hidden_size
+        self.classifier = Beit3ClassificationHead(
+            4 * hidden, 2 * hidden, config.num_labels, config.layer_norm_eps, normalize_input=True, init_scale=0.001
+        )
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> SequenceClassifierOutput:
+        if pixel_values is None or input_ids is None:
+            raise ValueError("Beit3ForVisualReasoning needs both pixel_values and input_ids.")
+        if pixel_values.ndim != 5 or pixel_values.shape[1] != 2:
+            raise ValueError(
+                "Beit3ForVisualReasoning takes an image pair per example: pixel_values of shape "
+                f"(batch, 2, channels, height, width), got {tuple(pixel_values.shape)}."
+            )
+        batch_size = pixel_values.shape[0]
+        # Both images of a pair see the same text: run them as one batch [first images; second images].
+        images = pixel_values.transpose(0, 1).flatten(0, 1)  # (2 * batch, channels, height, width)
+        outputs = self.beit3(
+            pixel_values=images,
+            input_ids=input_ids.repeat(2, 1),
+            attention_mask=None if attention_mask is None else attention_mask.repeat(2, 1),
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = outputs.last_hidden_state
+        split_position = self.beit3.vision_embeddings.num_tokens(*images.shape[-2:])
+        pair_features = torch.cat([hidden[:, 0], hidden[:, split_position]], dim=-1)  # (2 * batch, 2 * hidden)
+        first, second = pair_features.split(batch_size, dim=0)
+        logits = self.classifier(torch.cat([first, second], dim=-1))  # (batch, num_labels) from (batch, 4 * hidden)
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels.view(-1))
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+__all__ = [
+    "Beit3ForImageClassification",
+    "Beit3ForImageTextRetrieval",
+    "Beit3ForVisualQuestionAnswering",
+    "Beit3ForVisualReasoning",
+    "Beit3ImageTextRetrievalOutput",
+    "Beit3Model",
+    "Beit3Multiway",
+    "Beit3PreTrainedModel",
+    "image_text_contrastive_loss",
+    "resize_patch_position_embeddings",
+]

@@ -1,0 +1,125 @@
+"""Adapter around the original BEiT-3 implementation (unilm `beit3` on torchscale), used as the numerical oracle.
+
+Needs the optional packages `beit3-gml`, `torchscale==0.3.0`, `fairscale==0.4.0` and `timm` (see the Makefile's
+`ORACLE`). Used by the parity tests and by `python -m beit3_hf.convert --verify`; never imported by the model files.
+
+The original takes `padding_mask` with 1 = pad, our models `attention_mask` with 1 = attend; `run_original`
+converts at this one boundary.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .configuration_beit3 import Beit3Config
+
+TASKS = ("backbone", "image-classification", "retrieval", "vqa", "nlvr2")
+
+
+def is_available() -> bool:
+    try:
+        import_original()
+    except ImportError:
+        return False
+    return True
+
+
+def import_original() -> tuple[Any, Any]:
+    """Return (`beit3.modeling_finetune`, `torchscale.architecture.config.EncoderConfig`); ImportError if absent."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # timm's deprecated import paths used by the original
+        from beit3 import modeling_finetune
+        from torchscale.architecture.config import EncoderConfig
+    return modeling_finetune, EncoderConfig
+
+
+def encoder_config(config: Beit3Config) -> Any:
+    """The torchscale `EncoderConfig` of the original model with our config's architecture."""
+    _, EncoderConfig = import_original()
+    return EncoderConfig(
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        in_chans=config.num_channels,
+        vocab_size=config.vocab_size,
+        multiway=True,
+        layernorm_embedding=False,
+        normalize_output=config.use_final_layernorm,
+        no_output_layer=True,
+        drop_path_rate=0.0,
+        encoder_embed_dim=config.hidden_size,
+        encoder_attention_heads=config.num_attention_heads,
+        encoder_ffn_embed_dim=config.intermediate_size,
+        encoder_layers=config.num_hidden_layers,
+        max_source_positions=config.max_position_embeddings + 2,  # + the two unused fairseq rows
+        layernorm_eps=config.layer_norm_eps,
+    )
+
+
+class _OriginalBackbone(nn.Module):
+    """The original backbone alone, under the `beit3.` prefix its checkpoints use."""
+
+    def __init__(self, args: Any) -> None:
+        super().__init__()
+        from torchscale.model.BEiT3 import BEiT3
+
+        self.beit3 = BEiT3(args)
+
+
+def build_original_model(task: str, config: Beit3Config) -> nn.Module:
+    """An original (unilm) model for `task` with the architecture of `config`, in eval mode."""
+    modeling_finetune, _ = import_original()
+    args = encoder_config(config)
+    if task == "backbone":
+        model = _OriginalBackbone(args)
+    elif task == "image-classification":
+        model = modeling_finetune.BEiT3ForImageClassification(args, num_classes=config.num_labels)
+    elif task == "retrieval":
+        model = modeling_finetune.BEiT3ForRetrieval(args)
+    elif task == "vqa":
+        model = modeling_finetune.BEiT3ForVisualQuestionAnswering(args, num_classes=config.num_labels)
+    elif task == "nlvr2":
+        model = modeling_finetune.BEiT3ForVisualReasoning(args, num_classes=config.num_labels)
+    else:
+        raise ValueError(f"Unknown task {task!r}; choose one of {TASKS}.")
+    return model.eval()
+
+
+@torch.no_grad()
+def run_original(
+    model: nn.Module,
+    task: str,
+    pixel_values: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run an original model with our input conventions; returns the outputs named as our models name them."""
+    padding_mask = (
+        None if attention_mask is None else (1 - attention_mask).long()
+    )  # ours: 1 = attend; original: 1 = pad
+    if task == "backbone":
+        out = model.beit3(textual_tokens=input_ids, visual_tokens=pixel_values, text_padding_position=padding_mask)
+        return {"last_hidden_state": out["encoder_out"]}
+    if task == "image-classification":
+        return {"logits": model(image=pixel_values)}
+    if task == "retrieval":
+        image_embeds, text_embeds = model(
+            image=pixel_values, text_description=input_ids, padding_mask=padding_mask, only_infer=True
+        )
+        return {"image_embeds": image_embeds, "text_embeds": text_embeds}
+    if task == "vqa":
+        return {"logits": model(image=pixel_values, question=input_ids, padding_mask=padding_mask)}
+    if task == "nlvr2":
+        if padding_mask is None:
+            padding_mask = torch.zeros_like(input_ids)
+        logits = model(
+            image_a=pixel_values[:, 0],
+            image_b=pixel_values[:, 1],
+            text_description=input_ids,
+            padding_mask=padding_mask,
+        )
+        return {"logits": logits}
+    raise ValueError(f"Unknown task {task!r}; choose one of {TASKS}.")

@@ -1,0 +1,109 @@
+"""Helpers shared by the tests: tiny configs, original-format checkpoints with non-trivial weights, fresh processes."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from beit3_hf import Beit3Config
+
+TASK_LABELS = {"image-classification": 5, "vqa": 7, "nlvr2": 2}
+# The original drops the final encoder layer norm for image classification and VQA.
+TASK_FINAL_LAYERNORM = {"image-classification": False, "vqa": False}
+
+
+def tiny_config(task: str = "backbone", **overrides) -> Beit3Config:
+    kwargs = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        image_size=32,
+        patch_size=16,
+        vocab_size=120,
+        max_position_embeddings=30,
+        use_final_layernorm=TASK_FINAL_LAYERNORM.get(task, True),
+    )
+    if task in TASK_LABELS:
+        kwargs["num_labels"] = TASK_LABELS[task]
+    kwargs.update(overrides)
+    return Beit3Config(**kwargs)
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int = 0) -> None:
+    """Give every parameter non-trivial random values: layer norms away from (1, 0), heads at full scale."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in module.named_parameters():
+        noise = torch.randn(param.shape, generator=generator)
+        if name == "logit_scale":
+            param.copy_(torch.tensor(math.log(1 / 0.07)) + 0.3 * noise)
+        elif param.ndim == 1 and ("norm" in name or "ln" in name) and name.endswith("weight"):
+            param.copy_(1.0 + 0.2 * noise)
+        elif param.ndim == 1:
+            param.copy_(0.1 * noise)
+        else:
+            fan_in = param[0].numel() if param.ndim > 1 else param.shape[-1]
+            param.copy_(noise / math.sqrt(fan_in))
+
+
+def write_original_checkpoint(
+    path: Path,
+    task: str,
+    config: Beit3Config,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    extra: dict | None = None,
+) -> torch.nn.Module:
+    """Build an original (unilm) model for `task`, randomise it and save it as unilm does: {"model": state_dict}."""
+    from beit3_hf import original
+
+    model = original.build_original_model(task, config)
+    randomize_(model, seed)
+    state_dict = {key: value.to(dtype) for key, value in model.state_dict().items()}
+    state_dict.update(extra or {})
+    torch.save({"model": state_dict, "epoch": 3}, path)
+    return model
+
+
+BLOCK_PACKAGE = textwrap.dedent(
+    """
+    import sys
+
+    class _HideBeit3Hf:
+        # Make `import beit3_hf` fail, as on a machine where only the checkpoint folder exists.
+        def find_spec(self, name, path=None, target=None):
+            if name == "beit3_hf" or name.startswith("beit3_hf."):
+                raise ImportError("beit3_hf is hidden in this process")
+            return None
+
+    sys.meta_path.insert(0, _HideBeit3Hf())
+    """
+)
+
+
+def run_fresh_python(code: str, tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `code` in a new interpreter where `beit3_hf` cannot be imported and nothing touches the network."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
+        "PYTHONWARNINGS": "ignore",
+    }
+    script = (
+        BLOCK_PACKAGE
+        + "\ntry:\n    import beit3_hf\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('beit3_hf importable')\n"
+    )
+    script += textwrap.dedent(code)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"fresh process failed:\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr}")
+    return result

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
     not original.is_available(), reason="the original beit3/torchscale code is not installed"
 )
 
-TASKS = ("backbone", "image-classification", "retrieval", "vqa", "nlvr2")
+TASKS = ("backbone", "image-classification", "retrieval", "vqa", "nlvr2", "captioning")
 TOLERANCE = 1e-4
 EXPECTED_CLASS = {
     "backbone": "Beit3Model",
@@ -31,7 +31,9 @@ EXPECTED_CLASS = {
     "retrieval": "Beit3ForImageTextRetrieval",
     "vqa": "Beit3ForVisualQuestionAnswering",
     "nlvr2": "Beit3ForVisualReasoning",
+    "captioning": "Beit3ForCaptioning",
 }
+MASK_TOKEN_ID = 119  # the last id of the tiny vocabulary plays `<mask>` for captioning
 
 
 def input_variants(task: str, config) -> dict[str, dict[str, torch.Tensor]]:
@@ -61,21 +63,10 @@ def converted(tmp_path_factory):
         if dtype == torch.float16:  # the reference must run on exactly the weights the checkpoint holds
             reference.load_state_dict({k: v.half().float() for k, v in reference.state_dict().items()})
         folder = root / task
-        assert (
-            convert.main(
-                [
-                    "--checkpoint",
-                    str(checkpoint),
-                    "--task",
-                    task,
-                    "--output",
-                    str(folder),
-                    "--num-attention-heads",
-                    "4",
-                ]
-            )
-            == 0
-        )
+        args = ["--checkpoint", str(checkpoint), "--task", task, "--output", str(folder), "--num-attention-heads", "4"]
+        if task == "captioning":
+            args += ["--mask-token-id", str(MASK_TOKEN_ID)]
+        assert convert.main(args) == 0
         result[task] = (folder, reference, input_variants(task, config))
     return result
 
@@ -117,11 +108,12 @@ def test_fresh_process_auto_model_matches_original(converted, tmp_path):
         import json
         import torch
         from safetensors.torch import load_file, save_file
-        from transformers import (AutoConfig, AutoModel, AutoModelForImageClassification,
+        from transformers import (AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForImageTextToText,
                                   AutoModelForVisualQuestionAnswering, AutoModelForZeroShotImageClassification)
 
         task_auto = {"image-classification": AutoModelForImageClassification,
-                     "retrieval": AutoModelForZeroShotImageClassification, "vqa": AutoModelForVisualQuestionAnswering}
+                     "retrieval": AutoModelForZeroShotImageClassification, "vqa": AutoModelForVisualQuestionAnswering,
+                     "captioning": AutoModelForImageTextToText}
         report = {}
         for key, job in json.load(open("jobs.json")).items():
             config = AutoConfig.from_pretrained(job["folder"], trust_remote_code=True)

@@ -9,12 +9,14 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForImageTextToText,
     AutoModelForVisualQuestionAnswering,
     AutoModelForZeroShotImageClassification,
 )
 
 from .configuration_beit3 import BEIT3_PRESETS, Beit3Config
 from .modeling_beit3 import (
+    Beit3ForCaptioning,
     Beit3ForImageClassification,
     Beit3ForImageTextRetrieval,
     Beit3ForVisualQuestionAnswering,
@@ -32,6 +34,7 @@ _MODEL_CLASSES = (
     Beit3ForImageTextRetrieval,
     Beit3ForVisualQuestionAnswering,
     Beit3ForVisualReasoning,
+    Beit3ForCaptioning,
 )
 
 
@@ -43,6 +46,7 @@ def _register() -> None:
     AutoModelForImageClassification.register(Beit3Config, Beit3ForImageClassification, exist_ok=True)
     AutoModelForZeroShotImageClassification.register(Beit3Config, Beit3ForImageTextRetrieval, exist_ok=True)
     AutoModelForVisualQuestionAnswering.register(Beit3Config, Beit3ForVisualQuestionAnswering, exist_ok=True)
+    AutoModelForImageTextToText.register(Beit3Config, Beit3ForCaptioning, exist_ok=True)
 
     Beit3Config.register_for_auto_class()
     for model_class in _MODEL_CLASSES:
@@ -56,6 +60,7 @@ _register()
 __all__ = [
     "BEIT3_PRESETS",
     "Beit3Config",
+    "Beit3ForCaptioning",
     "Beit3ForImageClassification",
     "Beit3ForImageTextRetrieval",
     "Beit3ForVisualQuestionAnswering",

@@ -54,6 +54,7 @@ class Beit3Config(PretrainedConfig):
         use_final_layernorm: whether the encoder ends with a Multiway layer norm. The original drops it for image
             classification and VQA and keeps it for every other task.
         logit_scale_init_value: initial value of the retrieval temperature parameter (log of 1/0.07).
+        label_smoothing: label smoothing of the captioning loss (0.1 in the original recipes).
         num_labels / id2label / label2id: classification labels (standard `PretrainedConfig` arguments).
         pad_token_id / bos_token_id / eos_token_id / mask_token_id: special token ids of the tokenizer
             (`<pad>`=1, `<s>`=0, `</s>`=2, `<mask>`=64001 for `beit3.spm`; the presets set it, and the converter
@@ -94,6 +95,7 @@ class Beit3Config(PretrainedConfig):
         max_position_embeddings: int = 1022,
         use_final_layernorm: bool = True,
         logit_scale_init_value: float = math.log(1 / 0.07),
+        label_smoothing: float = 0.1,
         pad_token_id: int = 1,
         bos_token_id: int = 0,
         eos_token_id: int = 2,
@@ -116,6 +118,7 @@ class Beit3Config(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.use_final_layernorm = use_final_layernorm
         self.logit_scale_init_value = logit_scale_init_value
+        self.label_smoothing = label_smoothing
         self.mask_token_id = mask_token_id
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
         # AutoModel picks the BEiT-3 class named by `architectures`; transformers cannot handle None there, so a
@@ -154,7 +157,7 @@ class Beit3Config(PretrainedConfig):
             raise ValueError(
                 f"Beit3Config.hidden_act must be one of {_SUPPORTED_ACTIVATIONS}, got {self.hidden_act!r}."
             )
-        for name in ("attention_dropout", "drop_path_rate"):
+        for name in ("attention_dropout", "drop_path_rate", "label_smoothing"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"Beit3Config.{name} must be in [0, 1), got {value!r}.")

@@ -22,6 +22,7 @@ import torch
 
 from .configuration_beit3 import Beit3Config
 from .modeling_beit3 import (
+    Beit3ForCaptioning,
     Beit3ForImageClassification,
     Beit3ForImageTextRetrieval,
     Beit3ForVisualQuestionAnswering,
@@ -37,6 +38,7 @@ TASK_CLASSES: dict[str, type[Beit3PreTrainedModel]] = {
     "retrieval": Beit3ForImageTextRetrieval,
     "vqa": Beit3ForVisualQuestionAnswering,
     "nlvr2": Beit3ForVisualReasoning,
+    "captioning": Beit3ForCaptioning,
 }
 
 # The original position tables start with two rows that are never read: torchscale follows fairseq, whose positions
@@ -119,6 +121,7 @@ HEAD_RULES: dict[str, tuple[KeyRule, ...]] = {
         KeyRule(r"head\.norm2\.(weight|bias)", "classifier.layernorm.{g1}"),
         KeyRule(r"head\.dense2\.(weight|bias)", "classifier.out_proj.{g1}"),
     ),
+    "captioning": (KeyRule(r"mlm_head\.(weight|bias)", "lm_head.{g1}"),),
 }
 
 # Keys that pretrained (not fine-tuned) checkpoints carry besides the backbone: the pretraining heads and, in the
@@ -174,10 +177,17 @@ def detect_task(state_dict: dict[str, torch.Tensor]) -> str:
     return "backbone"
 
 
+# `<mask>` of `beit3.spm`, the tokenizer of every released checkpoint (vocabulary of 64010 embedding rows).
+RELEASED_VOCAB_SIZE, RELEASED_MASK_TOKEN_ID = 64010, 64001
+
+
 def infer_config(
-    state_dict: dict[str, torch.Tensor], task: str, num_attention_heads: int | None = None
+    state_dict: dict[str, torch.Tensor],
+    task: str,
+    num_attention_heads: int | None = None,
+    mask_token_id: int | None = None,
 ) -> Beit3Config:
-    """The architecture of the checkpoint, read from its tensors."""
+    """The architecture of the checkpoint, read from its tensors (and the tokenizer's `<mask>` id for captioning)."""
     hidden_size = state_dict["beit3.text_embed.weight"].shape[1]
     layer_ids = {int(m.group(1)) for key in state_dict if (m := re.match(_LAYER, key))}
     patch_weight = state_dict["beit3.vision_embed.proj.weight"]  # (hidden, channels, patch, patch)
@@ -194,6 +204,16 @@ def infer_config(
     kwargs = {}
     if task in labels and labels[task] in state_dict:
         kwargs["num_labels"] = state_dict[labels[task]].shape[0]
+    vocab_size = state_dict["beit3.text_embed.weight"].shape[0]
+    if mask_token_id is None and task == "captioning":
+        if vocab_size != RELEASED_VOCAB_SIZE:
+            raise ConversionError(
+                "--task captioning decodes at the tokenizer's <mask> token: pass --sentencepiece or --mask-token-id "
+                f"(the vocabulary has {vocab_size} rows, not the released {RELEASED_VOCAB_SIZE} of beit3.spm)."
+            )
+        mask_token_id = RELEASED_MASK_TOKEN_ID
+    if mask_token_id is not None:
+        kwargs["mask_token_id"] = mask_token_id
     return Beit3Config(
         hidden_size=hidden_size,
         num_hidden_layers=len(layer_ids),
@@ -202,7 +222,7 @@ def infer_config(
         image_size=grid * patch_weight.shape[-1],
         patch_size=patch_weight.shape[-1],
         num_channels=patch_weight.shape[1],
-        vocab_size=state_dict["beit3.text_embed.weight"].shape[0],
+        vocab_size=vocab_size,
         max_position_embeddings=state_dict["beit3.encoder.embed_positions.B.weight"].shape[0]
         - FAIRSEQ_POSITION_OFFSET,
         use_final_layernorm="beit3.encoder.layer_norm.A.weight" in state_dict,
@@ -269,12 +289,13 @@ def convert_checkpoint(
     num_attention_heads: int | None = None,
     dtype: torch.dtype = torch.float32,
     ignore_unused: str | None = None,
+    mask_token_id: int | None = None,
 ) -> tuple[Beit3PreTrainedModel, list[str]]:
     """Build our model for `task` from an original checkpoint; returns (model, dropped pretraining-only keys)."""
     if task not in TASK_CLASSES:
         raise ConversionError(f"Unknown task {task!r}; choose one of {sorted(TASK_CLASSES)}.")
     state_dict = load_original_state_dict(checkpoint)
-    config = infer_config(state_dict, task, num_attention_heads)
+    config = infer_config(state_dict, task, num_attention_heads, mask_token_id)
     converted, dropped = convert_state_dict(state_dict, task, ignore_unused)
     if image_size is not None and image_size != config.image_size:
         resize_vision_positions(converted, "" if task == "backbone" else "beit3.", config, image_size)
@@ -302,6 +323,7 @@ def verify_against_original(
     *,
     num_attention_heads: int | None = None,
     ignore_unused: str | None = None,
+    mask_token_id: int | None = None,
     seed: int = 0,
 ) -> float:
     """Max |diff| between the original implementation loaded with `checkpoint` and our conversion of it (float32).
@@ -311,7 +333,11 @@ def verify_against_original(
     from . import original
 
     ours, _ = convert_checkpoint(
-        checkpoint, task, num_attention_heads=num_attention_heads, ignore_unused=ignore_unused
+        checkpoint,
+        task,
+        num_attention_heads=num_attention_heads,
+        ignore_unused=ignore_unused,
+        mask_token_id=mask_token_id,
     )
     reference = original.build_original_model(task, ours.config)
     reference_keys = reference.state_dict().keys()
@@ -354,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ignore-unused", metavar="REGEX", help="drop checkpoint keys matching REGEX instead of failing"
     )
+    parser.add_argument(
+        "--mask-token-id", type=int, help="the tokenizer's <mask> id (captioning; default from the tokenizer)"
+    )
     parser.add_argument("--verify", action="store_true", help="compare outputs with the original implementation")
     return parser
 
@@ -368,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_attention_heads=args.num_attention_heads,
             dtype=getattr(torch, args.dtype),
             ignore_unused=args.ignore_unused,
+            mask_token_id=args.mask_token_id,
         )
         if dropped:
             print(f"Dropped {len(dropped)} keys not used by --task {args.task}: {_abbreviate(dropped)}")
@@ -377,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.task,
                 num_attention_heads=args.num_attention_heads,
                 ignore_unused=args.ignore_unused,
+                mask_token_id=args.mask_token_id,
             )
             print(f"Max |diff| against the original implementation (float32): {max_diff:.3e}")
             if max_diff > 1e-4:

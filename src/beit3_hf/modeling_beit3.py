@@ -71,6 +71,60 @@ class Beit3ImageTextRetrievalOutput(ModelOutput):
     text_embeds: torch.Tensor | None = None
 
 
+@dataclass
+class Beit3CaptioningOutput(ModelOutput):
+    """Output of `Beit3ForCaptioning`.
+
+    Args:
+        loss: label-smoothed masked-token loss over the positions with `labels != -100`.
+        logits: (batch, text_len, vocab_size) scores of the text positions.
+        past_key_values: the key/value cache, when `use_cache=True`.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Beit3KeyValueCache | None = None
+
+
+class Beit3KeyValueCache:
+    """Keys and values of the tokens seen so far, one (batch, heads, seq, head_dim) pair per layer.
+
+    BEiT-3 captioning decodes with a query slot (`<mask>`) whose keys and values are dropped after each step
+    (`drop_last`), and reorders beams (`select`). A small cache of our own keeps that independent of the
+    `transformers` cache API, which changed across the supported versions.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.num_image_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def seq_length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's keys/values of layer `layer_idx`; returns all keys/values of that layer."""
+        if layer_idx == len(self.keys):
+            self.keys.append(key)
+            self.values.append(value)
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def drop_last(self, num_tokens: int = 1) -> None:
+        self.keys = [key[:, :, :-num_tokens] for key in self.keys]
+        self.values = [value[:, :, :-num_tokens] for value in self.values]
+
+    def select(self, batch_indices: torch.Tensor) -> None:
+        """Keep (and reorder) the batch entries `batch_indices`, e.g. the surviving beams."""
+        self.keys = [key.index_select(0, batch_indices) for key in self.keys]
+        self.values = [value.index_select(0, batch_indices) for value in self.values]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------------------
@@ -253,9 +307,10 @@ def eager_attention_forward(
 class Beit3Attention(nn.Module):
     """Joint self-attention over the vision and text tokens; projections and the sub-LN are Multiway."""
 
-    def __init__(self, config: Beit3Config) -> None:
+    def __init__(self, config: Beit3Config, layer_idx: int = 0) -> None:
         super().__init__()
         self.config = config
+        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
@@ -273,12 +328,15 @@ class Beit3Attention(nn.Module):
         split_position: int,
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        past_key_values: Beit3KeyValueCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
         heads_shape = (batch_size, seq_len, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states, split_position).view(heads_shape).transpose(1, 2)  # (batch, heads, seq, hd)
         key = self.k_proj(hidden_states, split_position).view(heads_shape).transpose(1, 2)
         value = self.v_proj(hidden_states, split_position).view(heads_shape).transpose(1, 2)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)  # (batch, heads, past + seq, hd)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -316,11 +374,11 @@ class Beit3FeedForward(nn.Module):
 class Beit3EncoderLayer(GradientCheckpointingLayer):
     """Pre-LN block: `x + attn(LN(x))`, then `x + ffn(LN(x))`, every LN and the FFN Multiway."""
 
-    def __init__(self, config: Beit3Config, drop_path_rate: float = 0.0) -> None:
+    def __init__(self, config: Beit3Config, layer_idx: int = 0, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         norm = lambda: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # noqa: E731
         self.layernorm_before = _multiway(norm)
-        self.self_attn = Beit3Attention(config)
+        self.self_attn = Beit3Attention(config, layer_idx)
         self.layernorm_after = _multiway(norm)
         self.ffn = _multiway(lambda: Beit3FeedForward(config))
         self.drop_path = Beit3DropPath(drop_path_rate)
@@ -331,9 +389,11 @@ class Beit3EncoderLayer(GradientCheckpointingLayer):
         split_position: int,
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        past_key_values: Beit3KeyValueCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        normed = self.layernorm_before(hidden_states, split_position)
         attn_output, attn_weights = self.self_attn(
-            self.layernorm_before(hidden_states, split_position), split_position, attention_mask, output_attentions
+            normed, split_position, attention_mask, output_attentions, past_key_values=past_key_values
         )
         hidden_states = hidden_states + self.drop_path(attn_output)
         ffn_output = self.ffn(self.layernorm_after(hidden_states, split_position), split_position)
@@ -347,7 +407,7 @@ class Beit3Encoder(nn.Module):
         num_layers = config.num_hidden_layers
         # Stochastic depth grows linearly from 0 (first layer) to drop_path_rate (last layer), as the original.
         rates = [config.drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
-        self.layers = nn.ModuleList(Beit3EncoderLayer(config, rate) for rate in rates)
+        self.layers = nn.ModuleList(Beit3EncoderLayer(config, index, rate) for index, rate in enumerate(rates))
         norm = lambda: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # noqa: E731
         self.layernorm = _multiway(norm) if config.use_final_layernorm else None
 
@@ -358,11 +418,14 @@ class Beit3Encoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        past_key_values: Beit3KeyValueCache | None = None,
     ) -> BaseModelOutput:
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden_states, attn_weights = layer(hidden_states, split_position, attention_mask, output_attentions)
+            hidden_states, attn_weights = layer(
+                hidden_states, split_position, attention_mask, output_attentions, past_key_values=past_key_values
+            )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
@@ -894,12 +957,265 @@ class Beit3ForVisualReasoning(Beit3PreTrainedModel):
         )
 
 
+def captioning_attention_bias(
+    num_image_tokens: int, num_queries: int, past_length: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """(1, 1, queries, past + queries) additive bias of the captioning model.
+
+    Image tokens see every image token and no text; a text token sees the image and the text up to itself. Queries
+    sit at positions `past_length ..` of the sequence (the first `num_image_tokens` of which are the image).
+    """
+    query_positions = torch.arange(past_length, past_length + num_queries, device=device)[:, None]
+    key_positions = torch.arange(past_length + num_queries, device=device)[None, :]
+    allowed = key_positions <= query_positions  # causal
+    image_query = query_positions < num_image_tokens
+    allowed = torch.where(image_query, key_positions < num_image_tokens, allowed)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return bias[None, None]
+
+
+class Beit3ForCaptioning(Beit3PreTrainedModel):
+    r"""BEiT-3 image captioning: a causal text decoder on top of the image, trained by masked language modelling.
+
+    Training (as the original): `input_ids` is the caption with some tokens replaced by `<mask>`, `labels` holds the
+    original token at those positions and -100 elsewhere; text sees the image and earlier text, the image sees only
+    itself. The loss is the original's label-smoothed KL (`config.label_smoothing`, 0.1 by default) averaged over the
+    labelled tokens. `generate` decodes with the original's scheme: `[<s>, <mask>]` after the image, then
+    `[last token, <mask>]` steps with cached keys and values, predicting at the `<mask>` slot.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from beit3_hf import Beit3Config, Beit3ForCaptioning
+    >>> config = Beit3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    ...                      image_size=32, patch_size=16, vocab_size=100, mask_token_id=99)
+    >>> model = Beit3ForCaptioning(config).eval()
+    >>> input_ids = torch.tensor([[0, 99, 12, 99, 2]])
+    >>> labels = torch.tensor([[-100, 11, -100, 13, -100]])
+    >>> out = model(pixel_values=torch.randn(1, 3, 32, 32), input_ids=input_ids, labels=labels)
+    >>> out.logits.shape
+    torch.Size([1, 5, 100])
+    >>> model.generate(torch.randn(2, 3, 32, 32), num_beams=3, max_length=6).shape[0]
+    2
+
+    ```
+    """
+
+    _task_auto_class = "AutoModelForImageTextToText"
+
+    def __init__(self, config: Beit3Config) -> None:
+        super().__init__(config)
+        self.beit3 = Beit3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: Beit3KeyValueCache | None = None,
+        use_cache: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ) -> Beit3CaptioningOutput:
+        r"""
+        Args:
+            pixel_values: (batch, channels, height, width) images; omit them when continuing from `past_key_values`.
+            input_ids: (batch, text_len) caption tokens (with `<mask>` at the positions to predict when training).
+            attention_mask: (batch, text_len), 1 for tokens to attend to and 0 for padding.
+            labels: (batch, text_len) target ids at the predicted positions, -100 elsewhere.
+            past_key_values: cache of earlier steps; the new text continues at the next position.
+            use_cache: return the (updated) cache.
+        """
+        if input_ids is None:
+            raise ValueError("Beit3ForCaptioning needs input_ids (at least `<s> <mask>` to start a caption).")
+        if use_cache and past_key_values is None:
+            past_key_values = Beit3KeyValueCache()
+        past_length = past_key_values.seq_length() if past_key_values is not None else 0
+        if pixel_values is None and past_length == 0:
+            raise ValueError("Beit3ForCaptioning needs an image: pass pixel_values (or past_key_values holding one).")
+        if pixel_values is not None and past_length > 0:
+            raise ValueError("pixel_values must only be given on the first step, not with a filled past_key_values.")
+        embeddings, split_position, key_mask = self._embed(
+            pixel_values, input_ids, attention_mask, past_key_values, interpolate_pos_encoding
+        )
+        num_image_tokens = split_position if past_length == 0 else past_key_values.num_image_tokens
+        bias = captioning_attention_bias(
+            num_image_tokens, embeddings.shape[1], past_length, embeddings.dtype, embeddings.device
+        )
+        if key_mask is not None:
+            bias = bias + padding_mask_to_attention_bias(key_mask, embeddings.dtype)
+        hidden = self.beit3.encoder(embeddings, split_position, bias, past_key_values=past_key_values)
+        logits = self.lm_head(hidden.last_hidden_state[:, split_position:])  # text positions only
+        loss = None if labels is None else self.captioning_loss(logits, labels)
+        return Beit3CaptioningOutput(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+
+    def _embed(
+        self,
+        pixel_values: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Beit3KeyValueCache | None,
+        interpolate_pos_encoding: bool,
+    ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        if pixel_values is not None:
+            embeddings, split_position, key_mask = self.beit3.embed(
+                pixel_values, input_ids, attention_mask, interpolate_pos_encoding=interpolate_pos_encoding
+            )
+            if cache is not None:
+                cache.num_image_tokens = split_position
+            return embeddings, split_position, key_mask
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("Padding is not supported when continuing from past_key_values.")
+        # Text continues after the cached text tokens (the cache also holds the image tokens).
+        offset = cache.seq_length() - cache.num_image_tokens
+        return self.beit3.text_embeddings(input_ids, position_offset=offset), 0, None
+
+    def captioning_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The original `BertCaptioningLoss` (without its drop-worst schedule): KL to label-smoothed targets."""
+        if labels.shape != logits.shape[:2]:
+            raise ValueError(
+                f"labels must have shape (batch, text_len) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}."
+            )
+        selected = labels != -100
+        logits, targets = logits[selected].float(), labels[selected]  # (num_labelled, vocab), (num_labelled,)
+        smoothing, num_classes = self.config.label_smoothing, logits.shape[-1]
+        smoothed = torch.full_like(logits, smoothing / (num_classes - 1))
+        smoothed.scatter_(1, targets[:, None], 1.0 - smoothing)
+        return F.kl_div(F.log_softmax(logits, dim=-1), smoothed, reduction="none").sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        num_beams: int = 3,
+        max_length: int | None = None,
+        max_new_tokens: int | None = None,
+        length_penalty: float = 0.6,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.LongTensor:
+        """Caption images with the original BEiT-3 beam search; returns (batch, length) ids `<s> ... </s>` + padding.
+
+        Args:
+            pixel_values: (batch, channels, height, width) images.
+            num_beams: beams per image (3 in the original recipes); 1 decodes with a single beam.
+            max_length: longest output, `<s>` and `</s>` included (the original's `num_max_bpe_tokens`, default 32).
+            max_new_tokens: alternatively, the most tokens generated after `<s>` (`</s>` included).
+            length_penalty: a finished caption of `n` generated tokens (its `</s>` included) scores
+                `sum of log-probabilities / (n + 1) ** length_penalty`: the original counts `<s>` in the length.
+
+        Decoding follows the original `CaptioningHandler.eval_batch`: 3 candidates per beam, a caption ends at
+        `</s>` or at `max_length`, search stops for an image once no open beam can beat its best caption.
+        """
+        max_length = self._generation_length(pixel_values, num_beams, max_length, max_new_tokens)
+        config = self.config
+        batch_size, vocab_size = pixel_values.shape[0], config.vocab_size
+        device = pixel_values.device
+        images = pixel_values.repeat_interleave(num_beams, dim=0)  # (batch * beams, channels, height, width)
+        sequences = torch.full((batch_size * num_beams, 1), config.bos_token_id, dtype=torch.long, device=device)
+        step_ids = torch.tensor([[config.bos_token_id, config.mask_token_id]], device=device)
+        step_ids = step_ids.expand(batch_size * num_beams, 2)
+        beam_scores = torch.zeros(batch_size, num_beams, device=device)
+        beam_scores[:, 1:] = -1e9  # all beams start identical: expand only the first one at the first step
+        beam_scores = beam_scores.view(-1)
+        best: list[tuple[float, list[int]] | None] = [None] * batch_size
+        done = [False] * batch_size
+        cache = Beit3KeyValueCache()
+        for length in range(2, max_length):  # `length`: tokens of a caption finished at this step, counting <s>
+            logits = self(
+                pixel_values=images if length == 2 else None,
+                input_ids=step_ids,
+                past_key_values=cache,
+                use_cache=True,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+            ).logits[:, 1]  # the <mask> slot predicts the next token
+            scores = F.log_softmax(logits.float(), dim=-1) + beam_scores[:, None]
+            top_scores, top_ids = scores.view(batch_size, num_beams * vocab_size).topk(3 * num_beams, dim=1)
+            top_scores, top_ids = top_scores.tolist(), top_ids.tolist()
+            next_beams = []  # (score, token, source beam row) for every row of the next step
+            for example in range(batch_size):
+                done[example] = done[example] or self._cannot_improve(
+                    best[example], max(top_scores[example]), max_length, length_penalty
+                )
+                if done[example]:
+                    next_beams.extend([(0.0, config.pad_token_id, 0)] * num_beams)
+                    continue
+                example_beams = []
+                for score, index in zip(top_scores[example], top_ids[example]):
+                    row, token = example * num_beams + index // vocab_size, index % vocab_size
+                    if token == config.eos_token_id or length + 1 == max_length:
+                        # A finished caption; at the length limit the candidate token is dropped.
+                        candidate = (score / length**length_penalty, sequences[row].tolist())
+                        if best[example] is None or candidate[0] > best[example][0]:
+                            best[example] = candidate
+                    else:
+                        example_beams.append((score, token, row))
+                    if len(example_beams) == num_beams:
+                        break
+                next_beams.extend(example_beams or [(0.0, config.pad_token_id, 0)] * num_beams)
+            if all(done) or length + 1 == max_length:
+                break
+            beam_scores = torch.tensor([beam[0] for beam in next_beams], device=device)
+            tokens = torch.tensor([beam[1] for beam in next_beams], device=device)
+            rows = torch.tensor([beam[2] for beam in next_beams], device=device)
+            sequences = torch.cat([sequences[rows], tokens[:, None]], dim=1)
+            cache.select(rows)
+            cache.drop_last(1)  # forget the <mask> slot: the next step feeds the chosen token in its place
+            step_ids = torch.stack([tokens, torch.full_like(tokens, config.mask_token_id)], dim=1)
+        captions = [[*caption, config.eos_token_id] for _, caption in best]
+        output = torch.full((batch_size, max(map(len, captions))), config.pad_token_id, dtype=torch.long)
+        for example, caption in enumerate(captions):
+            output[example, : len(caption)] = torch.tensor(caption)
+        return output.to(device)
+
+    def _generation_length(
+        self, pixel_values: torch.Tensor | None, num_beams: int, max_length: int | None, max_new_tokens: int | None
+    ) -> int:
+        if pixel_values is None:
+            raise ValueError("generate() needs pixel_values: the images to caption.")
+        if not isinstance(num_beams, int) or num_beams < 1:
+            raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}.")
+        if self.config.mask_token_id is None:
+            raise ValueError("config.mask_token_id is not set: captioning decodes at the tokenizer's <mask> slot.")
+        if max_length is not None and max_new_tokens is not None:
+            raise ValueError("Pass max_length or max_new_tokens, not both.")
+        if max_new_tokens is not None:
+            max_length = max_new_tokens + 1
+        max_length = 32 if max_length is None else max_length
+        if max_length < 3:
+            raise ValueError(
+                f"max_length={max_length} is shorter than a caption: the prompt is `<s> <mask>` and a caption needs "
+                "`<s>`, at least one token and `</s>` (max_length >= 3, max_new_tokens >= 2)."
+            )
+        if max_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"max_length={max_length} exceeds max_position_embeddings={self.config.max_position_embeddings}."
+            )
+        return max_length
+
+    @staticmethod
+    def _cannot_improve(
+        best: tuple[float, list[int]] | None, best_open_score: float, max_length: int, length_penalty: float
+    ) -> bool:
+        """The original's `BeamHypotheses.is_done` (one kept hypothesis, no early stopping)."""
+        return best is not None and best[0] >= best_open_score / (max_length - 1) ** length_penalty
+
+
 __all__ = [
+    "Beit3CaptioningOutput",
+    "Beit3ForCaptioning",
     "Beit3ForImageClassification",
     "Beit3ForImageTextRetrieval",
     "Beit3ForVisualQuestionAnswering",
     "Beit3ForVisualReasoning",
     "Beit3ImageTextRetrievalOutput",
+    "Beit3KeyValueCache",
     "Beit3Model",
     "Beit3Multiway",
     "Beit3PreTrainedModel",

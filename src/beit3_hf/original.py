@@ -9,6 +9,7 @@ converts at this one boundary.
 
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from .configuration_beit3 import Beit3Config
 
-TASKS = ("backbone", "image-classification", "retrieval", "vqa", "nlvr2")
+TASKS = ("backbone", "image-classification", "retrieval", "vqa", "nlvr2", "captioning")
 
 
 def is_available() -> bool:
@@ -83,6 +84,8 @@ def build_original_model(task: str, config: Beit3Config) -> nn.Module:
         model = modeling_finetune.BEiT3ForVisualQuestionAnswering(args, num_classes=config.num_labels)
     elif task == "nlvr2":
         model = modeling_finetune.BEiT3ForVisualReasoning(args, num_classes=config.num_labels)
+    elif task == "captioning":
+        model = modeling_finetune.BEiT3ForCaptioning(args)
     else:
         raise ValueError(f"Unknown task {task!r}; choose one of {TASKS}.")
     return model.eval()
@@ -122,4 +125,75 @@ def run_original(
             padding_mask=padding_mask,
         )
         return {"logits": logits}
+    if task == "captioning":  # the training forward: causal text over the image, logits of every text position
+        if padding_mask is None:
+            padding_mask = torch.zeros_like(input_ids)
+        logits, _ = model(image=pixel_values, text_ids=input_ids, padding_mask=padding_mask, language_masked_pos=None)
+        return {"logits": logits}
     raise ValueError(f"Unknown task {task!r}; choose one of {TASKS}.")
+
+
+def captioning_handler_class() -> type:
+    """The original `CaptioningHandler` (unilm `beit3/engine_for_finetuning.py`), whose `eval_batch` is the
+    reference beam search.
+
+    That module cannot be imported as installed (it does `import utils` and `from datasets import ...` as a script
+    would), so the class is compiled from its source with the names it uses bound to the original modules.
+    """
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    import torch.nn.functional as F
+    from beit3 import utils
+
+    source = Path(importlib.util.find_spec("beit3.engine_for_finetuning").origin).read_text()
+    tree = ast.parse(source)
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CaptioningHandler")
+    namespace = {
+        "torch": torch,
+        "F": F,
+        "utils": utils,
+        "TaskHandler": object,
+        "get_sentencepiece_model_for_beit3": None,
+    }
+    exec(compile(ast.Module(body=[node], type_ignores=[]), "beit3/engine_for_finetuning.py", "exec"), namespace)
+    return namespace["CaptioningHandler"]
+
+
+@torch.no_grad()
+def original_beam_search(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    *,
+    num_beams: int,
+    max_length: int,
+    length_penalty: float,
+    vocab_size: int,
+    bos_token_id: int = 0,
+    pad_token_id: int = 1,
+    eos_token_id: int = 2,
+    mask_token_id: int,
+) -> torch.Tensor:
+    """Run the original `CaptioningHandler.eval_batch` and return the (batch, max_length) ids it decodes."""
+
+    captured = {}
+
+    def batch_decode(ids: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
+        captured["ids"] = ids.clone()  # eval_batch hands the decoded ids to the tokenizer: keep them
+        return ["" for _ in ids]
+
+    tokenizer = types.SimpleNamespace(
+        cls_token_id=bos_token_id,
+        pad_token_id=pad_token_id,
+        sep_token_id=eos_token_id,
+        mask_token_id=mask_token_id,
+        batch_decode=batch_decode,
+    )
+    handler_class = captioning_handler_class()
+    handler = handler_class.__new__(handler_class)  # skip __init__: it loads a sentencepiece file
+    handler.predictions, handler.tokenizer = [], tokenizer
+    handler.num_beams, handler.max_len, handler.length_penalty = num_beams, max_length, length_penalty
+    handler.vocab_size = vocab_size
+    handler.eval_batch(model, pixel_values, image_id=torch.arange(pixel_values.shape[0]))
+    return captured["ids"]

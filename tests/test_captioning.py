@@ -1,0 +1,183 @@
+"""Beit3ForCaptioning against the original (unilm `BEiT3ForCaptioning` and `CaptioningHandler` beam search)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from beit3_hf import Beit3ForCaptioning, convert, original
+from beit3_hf.modeling_beit3 import Beit3KeyValueCache
+
+from oracle_utils import tiny_config, write_original_checkpoint
+
+pytestmark = pytest.mark.skipif(
+    not original.is_available(), reason="the original beit3/torchscale code is not installed"
+)
+
+MASK = 119  # `<mask>` of the tiny vocabulary
+MAX_LENGTH = 10
+
+
+@pytest.fixture(scope="module", params=[0.8, 1.6], ids=["long-captions", "short-captions"])
+def pair(request, tmp_path_factory):
+    """(original model, converted model). The `</s>` bias sets how soon captions end, so that both captions that
+    stop at `</s>` and captions cut at max_length occur."""
+    config = tiny_config("captioning", mask_token_id=MASK)
+    path = tmp_path_factory.mktemp("captioning") / "captioning.pth"
+    reference = write_original_checkpoint(path, "captioning", config, seed=3)
+    with torch.no_grad():
+        reference.mlm_head.bias[config.eos_token_id] += request.param
+    torch.save({"model": reference.state_dict()}, path)
+    args = ["--checkpoint", str(path), "--task", "captioning", "--output", str(path.parent / "hf")]
+    assert convert.main([*args, "--num-attention-heads", "4", "--mask-token-id", str(MASK)]) == 0
+    model = Beit3ForCaptioning.from_pretrained(path.parent / "hf").eval()
+    assert model.config.mask_token_id == MASK
+    return reference, model
+
+
+def images(batch: int, seed: int = 5) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_training_logits_and_loss_match_the_original(pair):
+    reference, model = pair
+    inputs = convert.random_inputs(model.config, "captioning", batch_size=3, text_len=7, seed=1)
+    input_ids = inputs["input_ids"].clone()
+    masked = torch.zeros_like(input_ids, dtype=torch.bool)
+    masked[0, [1, 4]] = masked[1, 2] = masked[2, 1] = True  # never <s>, inside each caption
+    input_ids[masked] = MASK
+    inputs["input_ids"] = input_ids
+    expected = original.run_original(reference, "captioning", **inputs)["logits"]
+    labels = torch.full_like(input_ids, -100)
+    labels[masked] = inputs["input_ids"].new_tensor([11, 12, 13, 14])
+    out = model(**inputs, labels=labels)
+    assert (out.logits - expected).abs().max() <= 1e-4
+    # The original loss: BertCaptioningLoss(label_smoothing=0.1, drop_worst_ratio=0) on the masked positions.
+    from beit3.utils import BertCaptioningLoss
+
+    reference_loss = BertCaptioningLoss(0.1, 0.0, 0)(expected[masked], labels[masked], 0)
+    assert abs(out.loss.item() - reference_loss.item()) <= 1e-4
+    assert next(iter(out)) == "loss"
+
+
+def test_cached_steps_equal_the_full_forward(pair):
+    _, model = pair
+    pixel_values = images(2)
+    input_ids = torch.tensor([[0, 17, 33, 51, 2, 8], [0, 44, 45, 46, 47, 2]])
+    with torch.no_grad():
+        full = model(pixel_values=pixel_values, input_ids=input_ids).logits
+        out = model(pixel_values=pixel_values, input_ids=input_ids[:, :2], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for position in range(2, input_ids.shape[1]):
+            out = model(input_ids=input_ids[:, position : position + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
+
+
+def test_mask_slot_decoding_equals_the_full_forward(pair):
+    """The original scheme: feed [token, <mask>], read the <mask> slot, drop its cache entry, repeat."""
+    _, model = pair
+    pixel_values = images(2)
+    tokens = torch.tensor([[0, 17, 33, 51], [0, 44, 45, 46]])
+    with torch.no_grad():
+        cache = Beit3KeyValueCache()
+        predicted = []
+        step_ids = torch.tensor([[0, MASK]] * 2)
+        for position in range(1, tokens.shape[1] + 1):
+            logits = model(
+                pixel_values=pixel_values if position == 1 else None,
+                input_ids=step_ids,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits
+            predicted.append(logits[:, 1])
+            cache.drop_last(1)
+            if position < tokens.shape[1]:
+                step_ids = torch.stack([tokens[:, position], torch.full((2,), MASK)], dim=1)
+        for position, logits in enumerate(predicted, start=1):
+            prefix = torch.cat([tokens[:, :position], torch.full((2, 1), MASK)], dim=1)
+            full = model(pixel_values=pixel_values, input_ids=prefix).logits[:, -1]
+            assert (logits - full).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("num_beams", [3, 1, 2])
+def test_generate_matches_the_original_beam_search(pair, num_beams):
+    reference, model = pair
+    pixel_values = images(5)
+    config = model.config
+    expected = original.original_beam_search(
+        reference, pixel_values, num_beams=num_beams, max_length=MAX_LENGTH, length_penalty=0.6,
+        vocab_size=config.vocab_size, mask_token_id=MASK,
+    )  # fmt: skip
+    generated = model.generate(pixel_values, num_beams=num_beams, max_length=MAX_LENGTH, length_penalty=0.6)
+    # The original keeps the <mask> placeholder of the step that ended a caption in front of `</s>`; we return
+    # only the tokens: `<s> tokens </s>` and padding.
+    for ours, theirs in zip(generated.tolist(), expected.tolist()):
+        theirs = [token for token in theirs if token != MASK]
+        assert ours == theirs[: len(ours)] and set(theirs[len(ours) :]) <= {config.pad_token_id}
+    lengths = (generated != config.pad_token_id).sum(1)
+    assert lengths.max() <= MAX_LENGTH - 1 and ((generated == config.eos_token_id).sum(1) == 1).all()
+
+
+def test_generation_covers_both_endings(pair):
+    """Sanity of the fixture: some captions end at `</s>` early, the long-caption model also reaches max_length."""
+    _, model = pair
+    lengths = (model.generate(images(5), max_length=MAX_LENGTH) != model.config.pad_token_id).sum(1)
+    assert lengths.min() < MAX_LENGTH - 1
+
+
+def test_batched_generation_equals_one_at_a_time(pair):
+    _, model = pair
+    pixel_values = images(4, seed=9)
+    batched = model.generate(pixel_values, num_beams=3, max_length=MAX_LENGTH)
+    for row in range(4):
+        single = model.generate(pixel_values[row : row + 1], num_beams=3, max_length=MAX_LENGTH)[0]
+        assert batched[row, : len(single)].tolist() == single.tolist()
+        assert (batched[row, len(single) :] == model.config.pad_token_id).all()
+
+
+def test_max_new_tokens_is_max_length_minus_the_prompt(pair):
+    _, model = pair
+    pixel_values = images(2)
+    torch.testing.assert_close(
+        model.generate(pixel_values, max_new_tokens=5), model.generate(pixel_values, max_length=6)
+    )
+
+
+def test_generation_errors(pair):
+    _, model = pair
+    with pytest.raises(ValueError, match="needs pixel_values"):
+        model.generate(None)
+    with pytest.raises(ValueError, match="num_beams must be a positive integer"):
+        model.generate(images(1), num_beams=0)
+    with pytest.raises(ValueError, match="shorter than a caption"):
+        model.generate(images(1), max_length=2)
+    with pytest.raises(ValueError, match="max_length or max_new_tokens, not both"):
+        model.generate(images(1), max_length=5, max_new_tokens=3)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        model.generate(images(1), max_length=31)
+    with pytest.raises(ValueError, match="needs an image"):
+        model(input_ids=torch.tensor([[0, MASK]]))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model(pixel_values=images(1), input_ids=torch.tensor([[0, MASK]]), labels=torch.tensor([1]))
+
+
+def test_label_smoothing_zero_is_cross_entropy(pair):
+    _, model = pair
+    model.config.label_smoothing = 0.0
+    try:
+        input_ids = torch.tensor([[0, MASK, 12, MASK, 2]])
+        labels = torch.tensor([[-100, 11, -100, 13, -100]])
+        out = model(pixel_values=images(1), input_ids=input_ids, labels=labels)
+        expected = F.cross_entropy(out.logits[labels != -100], labels[labels != -100])
+        assert abs(out.loss.item() - expected.item()) <= 1e-5
+    finally:
+        model.config.label_smoothing = 0.1
+
+
+def test_captioning_conversion_needs_a_mask_id(tmp_path):
+    config = tiny_config("captioning")
+    write_original_checkpoint(tmp_path / "cap.pth", "captioning", config)
+    with pytest.raises(convert.ConversionError, match="pass --sentencepiece or --mask-token-id"):
+        convert.convert_checkpoint(tmp_path / "cap.pth", "captioning")

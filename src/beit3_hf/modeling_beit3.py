@@ -62,6 +62,8 @@ class Beit3ImageTextRetrievalOutput(ModelOutput):
         logits_per_text: (num_texts, num_images), the transpose of `logits_per_image`.
         image_embeds: (num_images, hidden_size) L2-normalised image embeddings.
         text_embeds: (num_texts, hidden_size) L2-normalised text embeddings.
+        logit_scale: the multiplier `exp(logit_scale)` of the similarities, for losses computed outside the model
+            (e.g. over the global batch of several processes).
     """
 
     loss: torch.Tensor | None = None
@@ -69,6 +71,7 @@ class Beit3ImageTextRetrievalOutput(ModelOutput):
     logits_per_text: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None
 
 
 @dataclass
@@ -788,8 +791,9 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
         )
         text_embeds = None if input_ids is None else self.get_text_features(input_ids, attention_mask)
         logits_per_image = logits_per_text = loss = None
+        logit_scale = self.logit_scale.exp()
         if image_embeds is not None and text_embeds is not None:
-            logits_per_image = self.logit_scale.exp() * image_embeds @ text_embeds.t()  # (num_images, num_texts)
+            logits_per_image = logit_scale * image_embeds @ text_embeds.t()  # (num_images, num_texts)
             logits_per_text = logits_per_image.t()
             if return_loss:
                 loss = image_text_contrastive_loss(logits_per_image)
@@ -801,6 +805,7 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
             logits_per_text=logits_per_text,
             image_embeds=image_embeds,
             text_embeds=text_embeds,
+            logit_scale=logit_scale,
         )
 
 

@@ -18,6 +18,25 @@ TASK_LABELS = {"image-classification": 5, "vqa": 7, "nlvr2": 2}
 TASK_FINAL_LAYERNORM = {"image-classification": False, "vqa": False}
 
 
+def train_sentencepiece(folder: Path, texts: list[str], model_type: str = "unigram", vocab_size: int = 180) -> Path:
+    """Train a small sentencepiece model on `texts` (no download), as `beit3.spm` was trained; returns its path."""
+    import sentencepiece
+
+    corpus = folder / f"corpus_{model_type}.txt"
+    corpus.write_text("\n".join(texts * 20), encoding="utf-8")
+    prefix = folder / f"tiny_{model_type}"
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(prefix),
+        model_type=model_type,
+        vocab_size=vocab_size,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    return prefix.with_suffix(".model")
+
+
 def tiny_config(task: str = "backbone", **overrides) -> Beit3Config:
     kwargs = dict(
         hidden_size=64,
@@ -88,21 +107,25 @@ BLOCK_PACKAGE = textwrap.dedent(
 )
 
 
-def run_fresh_python(code: str, tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `code` in a new interpreter where `beit3_hf` cannot be imported and nothing touches the network."""
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
-        "PYTHONWARNINGS": "ignore",
-    }
+def run_fresh_python(
+    code: str, tmp_path: Path, args: tuple[str, ...] = (), timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Run `code` (with `sys.argv[1:] == args`) in a new interpreter where `beit3_hf` cannot be imported and
+    nothing touches the network."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+        PYTHONWARNINGS="ignore",
+        TRANSFORMERS_VERBOSITY="error",
+    )
     script = (
         BLOCK_PACKAGE
         + "\ntry:\n    import beit3_hf\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('beit3_hf importable')\n"
     )
     script += textwrap.dedent(code)
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
     )
     if result.returncode != 0:
         raise AssertionError(f"fresh process failed:\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr}")

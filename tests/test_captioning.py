@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoProcessor
 
 from beit3_hf import Beit3ForCaptioning, convert, original
 from beit3_hf.modeling_beit3 import Beit3KeyValueCache
+from beit3_hf.tokenization_beit3 import load_sentencepiece_tokenizer
 
-from oracle_utils import tiny_config, write_original_checkpoint
+from oracle_utils import run_fresh_python, tiny_config, train_sentencepiece, write_original_checkpoint
 
 pytestmark = pytest.mark.skipif(
     not original.is_available(), reason="the original beit3/torchscale code is not installed"
@@ -181,3 +187,71 @@ def test_captioning_conversion_needs_a_mask_id(tmp_path):
     write_original_checkpoint(tmp_path / "cap.pth", "captioning", config)
     with pytest.raises(convert.ConversionError, match="pass --sentencepiece or --mask-token-id"):
         convert.convert_checkpoint(tmp_path / "cap.pth", "captioning")
+
+
+SPM_TEXTS = ["a red circle above a blue square", "two dogs play in the park", "a cat sleeps on the bed"]
+
+
+def test_conversion_with_sentencepiece_end_to_end(tmp_path):
+    """--sentencepiece writes the processor and takes <mask> from it; in a fresh process without beit3_hf,
+    AutoProcessor + AutoModelForImageTextToText caption an image and batch_decode gives the same text as here."""
+    spm = train_sentencepiece(tmp_path, SPM_TEXTS, vocab_size=40)
+    tokenizer_size = len(load_sentencepiece_tokenizer(spm))
+    config = tiny_config("captioning", vocab_size=tokenizer_size + 8)  # 8 unused rows, as 64002 vs 64010
+    write_original_checkpoint(tmp_path / "cap.pth", "captioning", config, seed=4)
+    folder = tmp_path / "hf"
+    args = ["--checkpoint", str(tmp_path / "cap.pth"), "--task", "captioning", "--output", str(folder)]
+    assert convert.main([*args, "--num-attention-heads", "4", "--sentencepiece", str(spm)]) == 0
+    assert {"tokenizer.json", "processor_config.json", "processing_beit3.py", "image_processing_beit3.py"} <= {
+        p.name for p in folder.iterdir()
+    }
+    processor = AutoProcessor.from_pretrained(folder)
+    model = Beit3ForCaptioning.from_pretrained(folder).eval()
+    assert model.config.mask_token_id == processor.tokenizer.mask_token_id == tokenizer_size - 1
+    assert processor.max_length == 32 and processor.image_processor.size["height"] == 32
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 70, 3), dtype=np.uint8))
+    image.save(tmp_path / "image.png")
+    ids = model.generate(processor(images=[image])["pixel_values"], max_length=8)
+    expected = processor.batch_decode(ids, skip_special_tokens=True)
+    result = run_fresh_python(
+        """
+        import json, sys
+        from PIL import Image
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+        model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+        ids = model.generate(processor(images=[Image.open(sys.argv[2])])["pixel_values"], max_length=8)
+        print(json.dumps({"ids": ids.tolist(), "text": processor.batch_decode(ids, skip_special_tokens=True),
+                          "class": type(model).__name__}))
+        """,
+        tmp_path,
+        args=(str(folder), str(tmp_path / "image.png")),
+    )
+    child = json.loads(result.stdout.strip().splitlines()[-1])
+    assert child == {"ids": ids.tolist(), "text": expected, "class": "Beit3ForCaptioning"}
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda path: path / "missing.spm", "missing.spm"),
+        (lambda path: (path / "text.spm").write_text("not a model") and path / "text.spm", "text.spm"),
+    ],
+)
+def test_bad_sentencepiece_fails_before_conversion(tmp_path, capsys, make, message):
+    write_original_checkpoint(tmp_path / "cap.pth", "captioning", tiny_config("captioning"))
+    args = ["--checkpoint", str(tmp_path / "cap.pth"), "--task", "captioning", "--output", str(tmp_path / "out")]
+    assert convert.main([*args, "--sentencepiece", str(make(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys):
+    spm = train_sentencepiece(tmp_path, SPM_TEXTS, vocab_size=40)
+    config = tiny_config("retrieval", vocab_size=20)
+    write_original_checkpoint(tmp_path / "r.pth", "retrieval", config)
+    args = ["--checkpoint", str(tmp_path / "r.pth"), "--task", "retrieval", "--output", str(tmp_path / "out")]
+    assert convert.main([*args, "--num-attention-heads", "4", "--sentencepiece", str(spm)]) == 2
+    assert "is not this checkpoint's tokenizer" in capsys.readouterr().err

@@ -7,14 +7,17 @@ them for `save_pretrained` to copy their code into every saved folder, so that t
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForImageTextToText,
     AutoModelForVisualQuestionAnswering,
     AutoModelForZeroShotImageClassification,
+    AutoProcessor,
 )
 
 from .configuration_beit3 import BEIT3_PRESETS, Beit3Config
+from .image_processing_beit3 import Beit3ImageProcessor
 from .modeling_beit3 import (
     Beit3ForCaptioning,
     Beit3ForImageClassification,
@@ -25,6 +28,7 @@ from .modeling_beit3 import (
     Beit3Model,
     Beit3PreTrainedModel,
 )
+from .processing_beit3 import Beit3Processor
 
 __version__ = "0.1.0.dev0"
 
@@ -47,6 +51,14 @@ def _register() -> None:
     AutoModelForZeroShotImageClassification.register(Beit3Config, Beit3ForImageTextRetrieval, exist_ok=True)
     AutoModelForVisualQuestionAnswering.register(Beit3Config, Beit3ForVisualQuestionAnswering, exist_ok=True)
     AutoModelForImageTextToText.register(Beit3Config, Beit3ForCaptioning, exist_ok=True)
+    AutoImageProcessor.register(
+        Beit3Config,
+        image_processor_classes={"torchvision": Beit3ImageProcessor, "pil": Beit3ImageProcessor},
+        exist_ok=True,
+    )
+    AutoProcessor.register(Beit3Config, Beit3Processor, exist_ok=True)
+    Beit3ImageProcessor.register_for_auto_class("AutoImageProcessor")
+    Beit3Processor.register_for_auto_class("AutoProcessor")
 
     Beit3Config.register_for_auto_class()
     for model_class in _MODEL_CLASSES:
@@ -65,7 +77,9 @@ __all__ = [
     "Beit3ForImageTextRetrieval",
     "Beit3ForVisualQuestionAnswering",
     "Beit3ForVisualReasoning",
+    "Beit3ImageProcessor",
     "Beit3ImageTextRetrievalOutput",
     "Beit3Model",
     "Beit3PreTrainedModel",
+    "Beit3Processor",
 ]

@@ -31,6 +31,8 @@ from .modeling_beit3 import (
     Beit3PreTrainedModel,
     resize_patch_position_embeddings,
 )
+from .processing_beit3 import Beit3Processor
+from .tokenization_beit3 import DEFAULT_MAX_LENGTH, build_image_processor, load_sentencepiece_tokenizer
 
 TASK_CLASSES: dict[str, type[Beit3PreTrainedModel]] = {
     "backbone": Beit3Model,
@@ -381,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ignore-unused", metavar="REGEX", help="drop checkpoint keys matching REGEX instead of failing"
     )
     parser.add_argument(
+        "--sentencepiece",
+        metavar="PATH",
+        help="the original beit3.spm: also write the tokenizer, image processor and processor to the output",
+    )
+    parser.add_argument(
         "--mask-token-id", type=int, help="the tokenizer's <mask> id (captioning; default from the tokenizer)"
     )
     parser.add_argument("--verify", action="store_true", help="compare outputs with the original implementation")
@@ -389,7 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    processor = None
     try:
+        if args.sentencepiece is not None:
+            # Read the tokenizer first: a bad --sentencepiece fails before the (large) checkpoint is loaded.
+            max_length = 32 if args.task == "captioning" else DEFAULT_MAX_LENGTH  # the original recipes' lengths
+            tokenizer = load_sentencepiece_tokenizer(args.sentencepiece, max_length=max_length)
+            if args.mask_token_id is None:
+                args.mask_token_id = tokenizer.mask_token_id
         model, dropped = convert_checkpoint(
             args.checkpoint,
             args.task,
@@ -399,6 +413,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             ignore_unused=args.ignore_unused,
             mask_token_id=args.mask_token_id,
         )
+        if args.sentencepiece is not None:
+            if len(tokenizer) > model.config.vocab_size:
+                raise ConversionError(
+                    f"The tokenizer {args.sentencepiece} has {len(tokenizer)} ids but the checkpoint's vocabulary has "
+                    f"only {model.config.vocab_size} rows: it is not this checkpoint's tokenizer."
+                )
+            image_processor = build_image_processor(task=args.task, image_size=model.config.image_size)
+            processor = Beit3Processor(image_processor=image_processor, tokenizer=tokenizer, max_length=max_length)
         if dropped:
             print(f"Dropped {len(dropped)} keys not used by --task {args.task}: {_abbreviate(dropped)}")
         if args.verify:
@@ -412,10 +434,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"Max |diff| against the original implementation (float32): {max_diff:.3e}")
             if max_diff > 1e-4:
                 raise ConversionError(f"Outputs differ from the original by {max_diff:.3e} (> 1e-4).")
-    except ConversionError as error:
+    except (ConversionError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     model.save_pretrained(args.output)
+    if processor is not None:
+        processor.save_pretrained(args.output)
     config = model.config
     print(
         f"Saved {type(model).__name__} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "

@@ -21,28 +21,27 @@ $(VENV)/.test-installed: $(VENV)/.created pyproject.toml
 	touch $@
 
 $(VENV)/.demo-installed: $(VENV)/.created pyproject.toml
-	$(PIP) install -q -e ".[oracle]"
-	$(PIP) install -q --no-deps --no-build-isolation $(ORACLE)
+	$(PIP) install -q -e ".[train]"
 	touch $@
 
 demo: $(VENV)/.demo-installed
 	$(PY) -m beit3_hf.demo
 
 test: $(VENV)/.test-installed
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(VENV)/.test-installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.test-installed
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
 
 format: $(VENV)/.test-installed
-	$(PY) -m ruff check --fix src tests benchmarks
-	$(PY) -m ruff format src tests benchmarks
+	$(PY) -m ruff check --fix src tests benchmarks examples
+	$(PY) -m ruff format src tests benchmarks examples
 
 bench: $(VENV)/.test-installed
 	$(PY) benchmarks/throughput.py

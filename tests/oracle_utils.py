@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -130,3 +133,32 @@ def run_fresh_python(
     if result.returncode != 0:
         raise AssertionError(f"fresh process failed:\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr}")
     return result
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load_example_script(path: Path) -> ModuleType:
+    """Import an example script (`examples/<task>/run_<task>.py`) as a module, to call its `main(argv)`."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def accelerate_launch(script: Path, args: list[str], num_processes: int) -> list[str]:
+    """The command running `script` as `num_processes` CPU processes under `accelerate launch`.
+
+    `accelerate launch --cpu --num_processes 2` starts a single process unless MPI is set up (accelerate 1.15);
+    `--multi_gpu` starts them through torchrun, and the scripts' `--use_cpu` makes them a gloo group on the CPU.
+    """
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(script), *args, "--use_cpu",
+    ]  # fmt: skip

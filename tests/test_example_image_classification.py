@@ -4,11 +4,9 @@ collator against timm's losses, and its metrics."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +24,8 @@ from beit3_hf import Beit3Config, Beit3ForImageClassification, Beit3ImageProcess
 from beit3_hf.datasets import load_imagefolder
 from beit3_hf.synthetic_data import write_synthetic_dataset
 
+from oracle_utils import accelerate_launch, load_example_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "image-classification" / "run_image_classification.py"
 TINY = "hidden_size=64,num_hidden_layers=2,num_attention_heads=4,intermediate_size=128,image_size=32,vocab_size=100"
@@ -34,12 +34,8 @@ NUM_CLASSES = 9  # 3 colours x 3 shapes: more than 5, so that top-5 accuracy can
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("run_image_classification", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_example_script(SCRIPT)
+    sys.modules.pop(SCRIPT.stem, None)
 
 
 @pytest.fixture(scope="module")
@@ -160,23 +156,10 @@ def test_single_process_run_saves_a_reloadable_classifier(script, imagenet, tmp_
     assert again["eval_top1"] == pytest.approx(top1) and again["eval_top5"] == pytest.approx(top5)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_cpu_processes_with_accelerate_launch(imagenet, tmp_path):
-    # `accelerate launch --cpu --num_processes 2` starts ONE process unless MPI is set up; `--multi_gpu` starts two
-    # through torchrun, and the script's `--use_cpu` makes them a gloo group on the CPU.
     output_dir, cache_dir = tmp_path / "out", tmp_path / "cache"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        str(SCRIPT),
-        *script_args(imagenet, output_dir, cache_dir, "--max_steps", "2", "--use_cpu", "--gradient_checkpointing"),
-    ]  # fmt: skip
+    args = script_args(imagenet, output_dir, cache_dir, "--max_steps", "2", "--gradient_checkpointing")
+    command = accelerate_launch(SCRIPT, args, 2)
     env = {
         **os.environ,
         "HF_HOME": str(tmp_path / "hf_home"),  # no accelerate config of this machine's user

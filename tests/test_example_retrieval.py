@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,18 +16,10 @@ from beit3_hf.datasets import RetrievalEvalIndex, load_karpathy_split
 from beit3_hf.retrieval_metrics import retrieval_recall
 from beit3_hf.synthetic_data import write_synthetic_dataset
 
-from oracle_utils import train_sentencepiece
+from oracle_utils import accelerate_launch, load_example_script, train_sentencepiece
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "retrieval" / "run_retrieval.py"
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,image_size=32,patch_size=16,max_position_embeddings=24"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("run_retrieval", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +51,7 @@ def script_args(paths, spm, output_dir, *extra: str) -> list[str]:
 def test_single_process_train_evaluate_save(data, tmp_path):
     paths, spm = data
     output = tmp_path / "out"
-    results = load_script().main(
+    results = load_example_script(SCRIPT).main(
         script_args(paths, spm, output, "--per_device_train_batch_size", "8", "--max_steps", "3",
                     "--eval_before_training", "True", "--layer_decay", "0.65")
     )  # fmt: skip
@@ -100,15 +91,7 @@ def test_single_process_train_evaluate_save(data, tmp_path):
 
 def run_script(args: list[str], tmp_path: Path, processes: int) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
-    if processes == 1:
-        command = [sys.executable, str(SCRIPT), *args]
-    else:
-        # `accelerate launch --cpu --num_processes 2` starts a single process without MPI (accelerate 1.15);
-        # `--multi_gpu` starts two through torchrun and `--use_cpu` makes them a gloo group on the CPU.
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args, "--use_cpu",
-        ]  # fmt: skip
+    command = [sys.executable, str(SCRIPT), *args] if processes == 1 else accelerate_launch(SCRIPT, args, processes)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -164,7 +147,7 @@ def test_bad_karpathy_files_are_named(data, tmp_path, mutate, message):
     args = script_args(paths, spm, tmp_path / "out", "--max_steps", "1")
     args[args.index("--karpathy_json") + 1] = str(bad)
     with pytest.raises(ValueError, match=message) as error:
-        load_script().main(args)
+        load_example_script(SCRIPT).main(args)
     assert "broken.json" in str(error.value)
 
 
@@ -174,4 +157,4 @@ def test_missing_image_is_named(data, tmp_path):
     jsonl.write_text(json.dumps({"image": "images/nope.png", "caption": "a red circle"}) + "\n")
     args = script_args(paths, spm, tmp_path / "out", "--max_steps", "1", "--train_file", str(jsonl))
     with pytest.raises(FileNotFoundError, match="nope.png"):
-        load_script().main(args)
+        load_example_script(SCRIPT).main(args)

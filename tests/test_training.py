@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from beit3_hf import Beit3ForImageTextRetrieval
 from beit3_hf.modeling_beit3 import image_text_contrastive_loss
 from beit3_hf.training import global_contrastive_loss, layer_decay_parameter_groups, parameter_layer_id
 
-from oracle_utils import tiny_config
+from oracle_utils import free_port, tiny_config
 
 
 def test_layer_ids_follow_the_original():
@@ -60,12 +59,6 @@ def test_single_process_global_loss_is_the_model_loss():
     torch.testing.assert_close(global_contrastive_loss(out.image_embeds, out.text_embeds, out.logit_scale), out.loss)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _two_process_worker(rank: int, port: int, images: torch.Tensor, texts: torch.Tensor, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -86,7 +79,7 @@ def test_two_process_global_loss_equals_the_combined_batch():
     texts = torch.nn.functional.normalize(torch.randn(6, 8, generator=generator), dim=-1)
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_two_process_worker, args=(_free_port(), images, texts, results), nprocs=2, join=True)
+        mp.spawn(_two_process_worker, args=(free_port(), images, texts, results), nprocs=2, join=True)
         results = dict(results)
     # One process holding the whole batch.
     full_images, full_texts = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)

@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor, HfArgumentParser,
 import beit3_hf
 from beit3_hf import Beit3Config, Beit3ForImageTextRetrieval, Beit3ImageProcessor, Beit3Processor
 from beit3_hf.datasets import RetrievalEvalIndex, RetrievalPairDataset, load_caption_jsonl, load_karpathy_split
-from beit3_hf.retrieval_metrics import retrieval_recall_from_embeddings
+from beit3_hf.retrieval_metrics import evaluate_retrieval
 from beit3_hf.tokenization_beit3 import load_sentencepiece_tokenizer
 from beit3_hf.training import Beit3Trainer
 
@@ -174,45 +174,6 @@ class PairCollator:
             "attention_mask": text["attention_mask"],
             "return_loss": True,
         }
-
-
-@torch.no_grad()
-def evaluate_retrieval(
-    model: Beit3ForImageTextRetrieval,
-    processor: Any,
-    index: RetrievalEvalIndex,
-    *,
-    batch_size: int = 64,
-    accelerator: Any = None,
-) -> dict[str, float]:
-    """TR@1/5/10, IR@1/5/10 and their mean, encoding every image and every caption of `index` once.
-
-    With an `accelerate.Accelerator`, each process encodes its share and the embeddings are gathered.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-
-    def encode(dataset: Sequence[Any], collate, embed) -> torch.Tensor:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-        if accelerator is not None:
-            loader = accelerator.prepare_data_loader(loader)
-        chunks = []
-        for batch in loader:
-            embeds = embed({key: value.to(device) for key, value in batch.items()})
-            chunks.append(accelerator.gather_for_metrics(embeds) if accelerator is not None else embeds)
-        return torch.cat(chunks).float().cpu()
-
-    image_embeds = encode(
-        index.image_dataset(),
-        lambda items: processor(images=[item["image"] for item in items], return_tensors="pt"),
-        lambda batch: model.get_image_features(batch["pixel_values"]),
-    )
-    text_embeds = encode(
-        index.captions,
-        lambda captions: processor(text=list(captions), return_tensors="pt"),
-        lambda batch: model.get_text_features(batch["input_ids"], batch["attention_mask"]),
-    )
-    return retrieval_recall_from_embeddings(image_embeds, text_embeds, index.text_to_image)
 
 
 class RetrievalTrainer(Beit3Trainer):

@@ -23,10 +23,15 @@ candidates) instead of the perfect score an optimistic rule would give it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from .datasets import RetrievalEvalIndex
+
 __all__ = [
+    "evaluate_retrieval",
     "recall_from_ranks",
     "retrieval_ranks",
     "retrieval_ranks_from_embeddings",
@@ -218,3 +223,45 @@ def retrieval_recall_from_embeddings(
         image_embeds, text_embeds, text_to_image, chunk_size=chunk_size
     )
     return recall_from_ranks(text_ranks, image_ranks, ks)
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    model: torch.nn.Module,
+    processor: Any,
+    index: RetrievalEvalIndex,
+    *,
+    batch_size: int = 64,
+    accelerator: Any = None,
+) -> dict[str, float]:
+    """TR@1/5/10, IR@1/5/10 and their mean of a retrieval model, encoding every image and every caption once.
+
+    `model` is a `Beit3ForImageTextRetrieval` (anything with `get_image_features` / `get_text_features`), `processor`
+    its `Beit3Processor`, `index` the evaluation set (:class:`beit3_hf.datasets.RetrievalEvalIndex`). With an
+    `accelerate.Accelerator`, each process encodes its share and the embeddings are gathered. The original encodes
+    each image once per caption; this encodes it once.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+
+    def encode(dataset: Sequence[Any], collate, embed) -> torch.Tensor:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+        if accelerator is not None:
+            loader = accelerator.prepare_data_loader(loader)
+        chunks = []
+        for batch in loader:
+            embeds = embed({key: value.to(device) for key, value in batch.items()})
+            chunks.append(accelerator.gather_for_metrics(embeds) if accelerator is not None else embeds)
+        return torch.cat(chunks).float().cpu()
+
+    image_embeds = encode(
+        index.image_dataset(),
+        lambda items: processor(images=[item["image"] for item in items], return_tensors="pt"),
+        lambda batch: model.get_image_features(batch["pixel_values"]),
+    )
+    text_embeds = encode(
+        index.captions,
+        lambda captions: processor(text=list(captions), return_tensors="pt"),
+        lambda batch: model.get_text_features(batch["input_ids"], batch["attention_mask"]),
+    )
+    return retrieval_recall_from_embeddings(image_embeds, text_embeds, index.text_to_image)

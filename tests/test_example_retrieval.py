@@ -53,7 +53,7 @@ def test_single_process_train_evaluate_save(data, tmp_path):
     output = tmp_path / "out"
     results = load_example_script(SCRIPT).main(
         script_args(paths, spm, output, "--per_device_train_batch_size", "8", "--max_steps", "3",
-                    "--eval_before_training", "True", "--layer_decay", "0.65")
+                    "--eval_before_training", "True", "--layer_decay", "0.65", "--drop_path_rate", "0.1")
     )  # fmt: skip
     names = [
         f"{when}_{metric}"
@@ -75,6 +75,7 @@ def test_single_process_train_evaluate_save(data, tmp_path):
     model = AutoModel.from_pretrained(output, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(output, trust_remote_code=True)
     assert type(model).__name__ == "Beit3ForImageTextRetrieval"
+    assert model.config.drop_path_rate == 0.1 and model.beit3.encoder.layers[-1].drop_path.drop_prob == 0.1
     assert model.config.mask_token_id == processor.tokenizer.mask_token_id
     # The reported recall is the recall of the saved model, recomputed here from one similarity matrix.
     index = RetrievalEvalIndex.from_records(load_karpathy_split(paths.karpathy_json, paths.image_root, "test"))

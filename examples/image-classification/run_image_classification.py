@@ -34,7 +34,6 @@ from timm.data import Mixup, create_transform
 from timm.data import auto_augment as timm_auto_augment
 from timm.data.mixup import mixup_target
 from transformers import (
-    AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
     EvalPrediction,
@@ -45,9 +44,9 @@ from transformers import (
 )
 
 import beit3_hf  # noqa: F401  (registers the BEiT-3 classes with the Auto classes in this process)
-from beit3_hf import BEIT3_PRESETS, Beit3Config, Beit3ImageProcessor
+from beit3_hf import BEIT3_PRESETS, Beit3ImageProcessor
 from beit3_hf.datasets import load_imagefolder
-from beit3_hf.training import Beit3Trainer
+from beit3_hf.training import Beit3Trainer, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -345,19 +344,16 @@ def build_config(model_args: ModelArguments, id2label: dict[int, str]) -> Any:
             "Pass --model_name_or_path (a checkpoint to fine-tune) or --config_name (a preset such as "
             "beit3-base-patch16-224, to train from scratch)."
         )
-    if source in BEIT3_PRESETS:
-        config = Beit3Config.from_preset(source)
-    else:
-        config = AutoConfig.from_pretrained(
-            source,
-            cache_dir=model_args.cache_dir,
-            revision=model_args.model_revision,
-            token=model_args.token,
-            trust_remote_code=model_args.trust_remote_code,
-        )
     if model_args.config_overrides:
         logger.info("Overriding config: %s", model_args.config_overrides)
-        config.update_from_string(model_args.config_overrides)
+    config = load_config(
+        source,
+        model_args.config_overrides,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
+    )
     config.id2label = dict(id2label)
     config.label2id = {name: label for label, name in id2label.items()}
     config.drop_path_rate = model_args.drop_path_rate

@@ -29,14 +29,13 @@ from typing import Any
 import torch
 import transformers
 from torchvision import transforms
-from transformers import AutoConfig, AutoModel, AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
+from transformers import AutoModel, AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
 
-import beit3_hf
-from beit3_hf import Beit3Config, Beit3ForImageTextRetrieval, Beit3ImageProcessor, Beit3Processor
+from beit3_hf import Beit3ForImageTextRetrieval
 from beit3_hf.datasets import RetrievalEvalIndex, RetrievalPairDataset, load_caption_jsonl, load_karpathy_split
 from beit3_hf.retrieval_metrics import evaluate_retrieval
-from beit3_hf.tokenization_beit3 import load_sentencepiece_tokenizer
-from beit3_hf.training import Beit3Trainer
+from beit3_hf.tokenization_beit3 import load_sentencepiece_tokenizer, processor_for_task
+from beit3_hf.training import Beit3Trainer, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -100,31 +99,26 @@ def load_records(data: DataArguments, split: str, jsonl: str | None) -> list:
 
 
 def build_model_and_processor(args: ModelArguments, max_text_length: int) -> tuple[Beit3ForImageTextRetrieval, Any]:
+    source = args.model_name_or_path or args.config_name
+    if source is None:
+        raise ValueError("Give --model_name_or_path (fine-tune) or --config_name (train from scratch).")
+    config = load_config(source, args.config_overrides, trust_remote_code=args.trust_remote_code)
+    if args.drop_path_rate is not None:
+        config.drop_path_rate = args.drop_path_rate  # the layers take their rates from it when the model is built
     if args.model_name_or_path is not None:
-        model = AutoModel.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        model = AutoModel.from_pretrained(
+            args.model_name_or_path, config=config, trust_remote_code=args.trust_remote_code
+        )
         if not hasattr(model, "get_text_features"):
             raise ValueError(f"{args.model_name_or_path} holds a {type(model).__name__}, not a retrieval model.")
-    elif args.config_name is not None:
-        if args.config_name in beit3_hf.BEIT3_PRESETS:
-            config = Beit3Config.from_preset(args.config_name)
-        else:
-            config = AutoConfig.from_pretrained(args.config_name, trust_remote_code=args.trust_remote_code)
-        if args.config_overrides:
-            config.update_from_string(args.config_overrides)
-            config.validate_architecture()
-        model = Beit3ForImageTextRetrieval(config)
     else:
-        raise ValueError("Give --model_name_or_path (fine-tune) or --config_name (train from scratch).")
-    if args.drop_path_rate is not None:
-        model.config.drop_path_rate = args.drop_path_rate
-        rates = torch.linspace(0, args.drop_path_rate, len(model.beit3.encoder.layers)).tolist()
-        for layer, rate in zip(model.beit3.encoder.layers, rates):
-            layer.drop_path.drop_prob = rate
+        model = Beit3ForImageTextRetrieval(config)
 
     if args.sentencepiece_model is not None:
         tokenizer = load_sentencepiece_tokenizer(args.sentencepiece_model, max_length=max_text_length)
-        image_processor = Beit3ImageProcessor(task="vision-language", image_size=model.config.image_size)
-        processor = Beit3Processor(image_processor=image_processor, tokenizer=tokenizer, max_length=max_text_length)
+        processor = processor_for_task(
+            tokenizer, task="retrieval", image_size=model.config.image_size, max_length=max_text_length
+        )
     elif args.model_name_or_path is not None:
         processor = AutoProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
         processor.max_length = max_text_length

@@ -31,8 +31,7 @@ from .modeling_beit3 import (
     Beit3PreTrainedModel,
     resize_patch_position_embeddings,
 )
-from .processing_beit3 import Beit3Processor
-from .tokenization_beit3 import DEFAULT_MAX_LENGTH, build_image_processor, load_sentencepiece_tokenizer
+from .tokenization_beit3 import DEFAULT_MAX_LENGTH, load_sentencepiece_tokenizer, processor_for_task
 
 TASK_CLASSES: dict[str, type[Beit3PreTrainedModel]] = {
     "backbone": Beit3Model,
@@ -293,10 +292,33 @@ def convert_checkpoint(
     ignore_unused: str | None = None,
     mask_token_id: int | None = None,
 ) -> tuple[Beit3PreTrainedModel, list[str]]:
-    """Build our model for `task` from an original checkpoint; returns (model, dropped pretraining-only keys)."""
+    """Build our model for `task` from an original checkpoint file; returns (model, dropped pretraining-only keys)."""
     if task not in TASK_CLASSES:
         raise ConversionError(f"Unknown task {task!r}; choose one of {sorted(TASK_CLASSES)}.")
-    state_dict = load_original_state_dict(checkpoint)
+    return model_from_state_dict(
+        load_original_state_dict(checkpoint),
+        task,
+        image_size=image_size,
+        num_attention_heads=num_attention_heads,
+        dtype=dtype,
+        ignore_unused=ignore_unused,
+        mask_token_id=mask_token_id,
+    )
+
+
+def model_from_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    task: str,
+    *,
+    image_size: int | None = None,
+    num_attention_heads: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    ignore_unused: str | None = None,
+    mask_token_id: int | None = None,
+) -> tuple[Beit3PreTrainedModel, list[str]]:
+    """Build our model for `task` from an original state dict; returns (model, dropped pretraining-only keys)."""
+    if task not in TASK_CLASSES:
+        raise ConversionError(f"Unknown task {task!r}; choose one of {sorted(TASK_CLASSES)}.")
     config = infer_config(state_dict, task, num_attention_heads, mask_token_id)
     converted, dropped = convert_state_dict(state_dict, task, ignore_unused)
     if image_size is not None and image_size != config.image_size:
@@ -320,7 +342,7 @@ def convert_checkpoint(
 
 @torch.no_grad()
 def verify_against_original(
-    checkpoint: str | Path,
+    state_dict: dict[str, torch.Tensor],
     task: str,
     *,
     num_attention_heads: int | None = None,
@@ -328,14 +350,13 @@ def verify_against_original(
     mask_token_id: int | None = None,
     seed: int = 0,
 ) -> float:
-    """Max |diff| between the original implementation loaded with `checkpoint` and our conversion of it (float32).
-
-    Both run on random images and a padded text batch at the checkpoint's own resolution.
+    """Max |diff| between the original implementation loaded with an original `state_dict` and our conversion of it
+    (float32). Both run on random images and a padded text batch at the checkpoint's own resolution.
     """
     from . import original
 
-    ours, _ = convert_checkpoint(
-        checkpoint,
+    ours, _ = model_from_state_dict(
+        state_dict,
         task,
         num_attention_heads=num_attention_heads,
         ignore_unused=ignore_unused,
@@ -343,7 +364,6 @@ def verify_against_original(
     )
     reference = original.build_original_model(task, ours.config)
     reference_keys = reference.state_dict().keys()
-    state_dict = load_original_state_dict(checkpoint)
     reference.load_state_dict({k: v.float() for k, v in state_dict.items() if k in reference_keys}, strict=True)
     inputs = random_inputs(ours.config, task, batch_size=2, seed=seed)
     expected = original.run_original(reference, task, **inputs)
@@ -404,8 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokenizer = load_sentencepiece_tokenizer(args.sentencepiece, max_length=max_length)
             if args.mask_token_id is None:
                 args.mask_token_id = tokenizer.mask_token_id
-        model, dropped = convert_checkpoint(
-            args.checkpoint,
+        state_dict = load_original_state_dict(args.checkpoint)  # read once, for the conversion and --verify
+        model, dropped = model_from_state_dict(
+            state_dict,
             args.task,
             image_size=args.image_size,
             num_attention_heads=args.num_attention_heads,
@@ -419,13 +440,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"The tokenizer {args.sentencepiece} has {len(tokenizer)} ids but the checkpoint's vocabulary has "
                     f"only {model.config.vocab_size} rows: it is not this checkpoint's tokenizer."
                 )
-            image_processor = build_image_processor(task=args.task, image_size=model.config.image_size)
-            processor = Beit3Processor(image_processor=image_processor, tokenizer=tokenizer, max_length=max_length)
+            processor = processor_for_task(
+                tokenizer, task=args.task, image_size=model.config.image_size, max_length=max_length
+            )
         if dropped:
             print(f"Dropped {len(dropped)} keys not used by --task {args.task}: {_abbreviate(dropped)}")
         if args.verify:
             max_diff = verify_against_original(
-                args.checkpoint,
+                state_dict,
                 args.task,
                 num_attention_heads=args.num_attention_heads,
                 ignore_unused=args.ignore_unused,

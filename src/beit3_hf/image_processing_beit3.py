@@ -124,8 +124,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def _describe(value: Any) -> str:
+    """How an input is named in error messages (also used by `processing_beit3`)."""
     if isinstance(value, (np.ndarray, torch.Tensor)):
         return f"{type(value).__name__} of shape {tuple(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of length {len(value)}"
     return type(value).__name__
 
 

@@ -236,6 +236,8 @@ class Beit3VisionEmbeddings(nn.Module):
     def position_embeddings(self, grid: tuple[int, int]) -> torch.Tensor:
         """(1 + grid_h * grid_w, hidden) position embeddings: CLS row, then patch rows resized to `grid`."""
         table = self.position_embedding.weight
+        if tuple(grid) == self.grid_size:
+            return table
         patch_positions = resize_patch_position_embeddings(table[1:], self.grid_size, grid)
         return torch.cat([table[:1], patch_positions], dim=0)
 

@@ -24,7 +24,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from .image_processing_beit3 import Beit3ImageProcessor
+from .image_processing_beit3 import Beit3ImageProcessor, _describe
 
 logger = logging.get_logger(__name__)
 
@@ -38,14 +38,6 @@ def _is_single_image(value: Any) -> bool:
     if isinstance(value, (Image.Image, str, os.PathLike)):
         return True
     return isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 3
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return f"{type(value).__name__} of shape {tuple(value.shape)}"
-    if isinstance(value, (list, tuple)):
-        return f"{type(value).__name__} of length {len(value)}"
-    return type(value).__name__
 
 
 def _split_pairs(images: Any) -> list[Any] | None:

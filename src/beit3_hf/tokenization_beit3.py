@@ -44,6 +44,7 @@ __all__ = [
     "build_image_processor",
     "build_processor",
     "load_sentencepiece_tokenizer",
+    "processor_for_task",
 ]
 
 #: Default text length of the original fine-tuning recipes (``--num_max_bpe_tokens 64``; captioning used 32).
@@ -379,6 +380,16 @@ def build_image_processor(*, task: str, image_size: int) -> Beit3ImageProcessor:
     return Beit3ImageProcessor(task=CONVERTER_TASKS[task], image_size=image_size)
 
 
+def processor_for_task(
+    tokenizer: PreTrainedTokenizerBase, *, task: str, image_size: int, max_length: int = DEFAULT_MAX_LENGTH
+) -> Beit3Processor:
+    """A :class:`Beit3Processor` around `tokenizer` with the eval image transform of `task` at `image_size`."""
+    from .processing_beit3 import Beit3Processor
+
+    image_processor = build_image_processor(task=task, image_size=image_size)
+    return Beit3Processor(image_processor=image_processor, tokenizer=tokenizer, max_length=max_length)
+
+
 def build_processor(
     sentencepiece_path: str | os.PathLike,
     *,
@@ -400,8 +411,5 @@ def build_processor(
         >>> processor = build_processor("beit3.spm", task="vqa", image_size=480)  # doctest: +SKIP
         >>> processor.save_pretrained("beit3-base-vqa")  # doctest: +SKIP
     """
-    from .processing_beit3 import Beit3Processor
-
-    image_processor = build_image_processor(task=task, image_size=image_size)
     tokenizer = load_sentencepiece_tokenizer(sentencepiece_path, max_length=max_length)
-    return Beit3Processor(image_processor=image_processor, tokenizer=tokenizer, max_length=max_length)
+    return processor_for_task(tokenizer, task=task, image_size=image_size, max_length=max_length)

@@ -5,6 +5,7 @@
 - `global_contrastive_loss`: the image-text contrastive loss over the global batch of all processes (features
   gathered with gradients), as the original `ClipLoss` with `world_size > 1`.
 - `Beit3Trainer`: a `Trainer` that uses both.
+- `load_config`: a preset name or a config folder / repo, plus "key=value,..." overrides, for the example scripts.
 
 Not remote code: the model files never import this module.
 """
@@ -18,7 +19,27 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer
+from transformers import AutoConfig, PretrainedConfig, Trainer
+
+from .configuration_beit3 import BEIT3_PRESETS, Beit3Config
+
+
+def load_config(name_or_path: str, overrides: str | None = None, **from_pretrained_kwargs: Any) -> PretrainedConfig:
+    """A preset (`"beit3-base-patch16-224"`, see `BEIT3_PRESETS`) or a config folder / Hub repo, then `overrides`.
+
+    `overrides` is `config.update_from_string`'s "hidden_size=128,num_hidden_layers=4" form; the result is validated
+    again. `from_pretrained_kwargs` go to `AutoConfig.from_pretrained` (`trust_remote_code`, `revision`, ...).
+    """
+    if name_or_path in BEIT3_PRESETS:
+        config = Beit3Config.from_preset(name_or_path)
+    else:
+        config = AutoConfig.from_pretrained(name_or_path, **from_pretrained_kwargs)
+    if overrides:
+        config.update_from_string(overrides)
+        if hasattr(config, "validate_architecture"):  # a Beit3Config, from this package or from a folder's code
+            config.validate_architecture()
+    return config
+
 
 # Parameters without weight decay besides every 1-D tensor (biases, norms): tokens and position tables.
 _NO_WEIGHT_DECAY = re.compile(r"(cls_token|mask_token|position_embedding\.weight|logit_scale)$")

@@ -25,7 +25,7 @@ $(VENV)/.demo-installed: $(VENV)/.created pyproject.toml
 	touch $@
 
 demo: $(VENV)/.demo-installed
-	$(PY) -m beit3_hf.demo
+	$(PY) examples/demo/run_demo.py
 
 test: $(VENV)/.test-installed
 	$(PY) -m ruff check src tests benchmarks examples

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from torchvision import transforms
 from torchvision.datasets.folder import pil_loader
 
-from beit3_hf.image_processing_beit3 import Beit3ImageProcessor
+from beit3_hf.models.beit3.image_processing_beit3 import Beit3ImageProcessor
 
 COCO_LIKE_SIZES = [(640, 480), (640, 427), (500, 375), (480, 640), (427, 640), (500, 333), (612, 612), (640, 360)]
 

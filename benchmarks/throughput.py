@@ -17,7 +17,8 @@ from contextlib import nullcontext
 
 import torch
 
-from beit3_hf import Beit3Config, Beit3ForImageClassification, original
+from beit3_hf import Beit3Config, Beit3ForImageClassification
+from beit3_hf.conversion import original
 
 
 def make_inputs(config: Beit3Config, batch_size: int, text_len: int, device: torch.device, dtype: torch.dtype):

@@ -84,7 +84,7 @@ def write_original_checkpoint(
     extra: dict | None = None,
 ) -> torch.nn.Module:
     """Build an original (unilm) model for `task`, randomise it and save it as unilm does: {"model": state_dict}."""
-    from beit3_hf import original
+    from beit3_hf.conversion import original
 
     model = original.build_original_model(task, config)
     randomize_(model, seed)

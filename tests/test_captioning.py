@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoProcessor
 
-from beit3_hf import Beit3ForCaptioning, convert, original
-from beit3_hf.modeling_beit3 import Beit3KeyValueCache
-from beit3_hf.tokenization_beit3 import load_sentencepiece_tokenizer
+from beit3_hf import Beit3ForCaptioning
+from beit3_hf.conversion import checkpoint as convert
+from beit3_hf.conversion import original
+from beit3_hf.conversion.tokenizer import load_sentencepiece_tokenizer
+from beit3_hf.models.beit3.modeling_beit3 import Beit3KeyValueCache
 
 from oracle_utils import run_fresh_python, tiny_config, train_sentencepiece, write_original_checkpoint
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from beit3_hf.datasets import (
+from beit3_hf.data import (
     ImageFolderData,
     RetrievalEvalIndex,
     RetrievalPairDataset,
@@ -20,7 +20,7 @@ from beit3_hf.datasets import (
     load_imagefolder,
     load_karpathy_split,
 )
-from beit3_hf.synthetic_data import write_synthetic_dataset
+from beit3_hf.testing.synthetic_data import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from beit3_hf import demo
+from oracle_utils import load_example_script
 
 ROOT = Path(__file__).resolve().parents[1]
+demo = load_example_script(ROOT / "examples" / "demo" / "run_demo.py")
 
 
 def test_demo_pipeline_runs_end_to_end(tmp_path, capsys, monkeypatch):

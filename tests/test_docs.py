@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import beit3_hf.configuration_beit3
-import beit3_hf.datasets
-import beit3_hf.modeling_beit3
-import beit3_hf.retrieval_metrics
-import beit3_hf.synthetic_data
+import beit3_hf.data.loaders
+import beit3_hf.evaluation.retrieval
+import beit3_hf.models.beit3.configuration_beit3
+import beit3_hf.models.beit3.modeling_beit3
+import beit3_hf.testing.synthetic_data
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -20,11 +20,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 @pytest.mark.parametrize(
     "module",
     [
-        beit3_hf.configuration_beit3,
-        beit3_hf.modeling_beit3,
-        beit3_hf.datasets,
-        beit3_hf.retrieval_metrics,
-        beit3_hf.synthetic_data,
+        beit3_hf.models.beit3.configuration_beit3,
+        beit3_hf.models.beit3.modeling_beit3,
+        beit3_hf.data.loaders,
+        beit3_hf.evaluation.retrieval,
+        beit3_hf.testing.synthetic_data,
     ],
 )
 def test_docstring_examples(module):

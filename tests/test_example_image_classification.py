@@ -21,8 +21,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from transformers import AutoImageProcessor, AutoModelForImageClassification, EvalPrediction
 
 from beit3_hf import Beit3Config, Beit3ForImageClassification, Beit3ImageProcessor
-from beit3_hf.datasets import load_imagefolder
-from beit3_hf.synthetic_data import write_synthetic_dataset
+from beit3_hf.data import load_imagefolder
+from beit3_hf.testing.synthetic_data import write_synthetic_dataset
 
 from oracle_utils import accelerate_launch, load_example_script
 

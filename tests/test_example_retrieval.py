@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoProcessor
 
-from beit3_hf.datasets import RetrievalEvalIndex, load_karpathy_split
-from beit3_hf.retrieval_metrics import retrieval_recall
-from beit3_hf.synthetic_data import write_synthetic_dataset
+from beit3_hf.data import RetrievalEvalIndex, load_karpathy_split
+from beit3_hf.evaluation.retrieval import retrieval_recall
+from beit3_hf.testing.synthetic_data import write_synthetic_dataset
 
 from oracle_utils import accelerate_launch, load_example_script, train_sentencepiece
 

@@ -18,7 +18,7 @@ from beit3_hf import (
     Beit3ForVisualReasoning,
     Beit3Model,
 )
-from beit3_hf.modeling_beit3 import Beit3Multiway
+from beit3_hf.models.beit3.modeling_beit3 import Beit3Multiway
 
 from oracle_utils import randomize_, tiny_config
 

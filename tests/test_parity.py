@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from beit3_hf import convert, original
+from beit3_hf.conversion import checkpoint as convert
+from beit3_hf.conversion import original
 
 from oracle_utils import run_fresh_python, tiny_config, write_original_checkpoint
 

@@ -27,12 +27,12 @@ from torchvision import transforms
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, TokenizersBackend
 from transformers.utils import logging as hf_logging
 
-import beit3_hf.image_processing_beit3 as image_processing_module
-import beit3_hf.processing_beit3 as processing_module
-from beit3_hf.configuration_beit3 import Beit3Config
-from beit3_hf.image_processing_beit3 import Beit3ImageProcessor
-from beit3_hf.processing_beit3 import Beit3Processor
-from beit3_hf.tokenization_beit3 import CONVERTER_TASKS, build_processor, load_sentencepiece_tokenizer
+import beit3_hf.models.beit3.image_processing_beit3 as image_processing_module
+import beit3_hf.models.beit3.processing_beit3 as processing_module
+from beit3_hf.conversion.tokenizer import CONVERTER_TASKS, build_processor, load_sentencepiece_tokenizer
+from beit3_hf.models.beit3.configuration_beit3 import Beit3Config
+from beit3_hf.models.beit3.image_processing_beit3 import Beit3ImageProcessor
+from beit3_hf.models.beit3.processing_beit3 import Beit3Processor
 
 from oracle_utils import run_fresh_python, train_sentencepiece
 

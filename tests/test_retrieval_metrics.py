@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from beit3_hf.retrieval_metrics import (
+from beit3_hf.evaluation.retrieval import (
     recall_from_ranks,
     retrieval_ranks,
     retrieval_ranks_from_embeddings,
@@ -188,7 +188,7 @@ def test_chunked_embeddings_match_full_matrix(chunk_size, dtype):
 
 def test_chunked_bounds_block_size(monkeypatch):
     """No score block larger than chunk_size x max(num_images, num_texts) is ever formed."""
-    import beit3_hf.retrieval_metrics as rm
+    import beit3_hf.evaluation.retrieval as rm
 
     seen: list[tuple[int, int]] = []
     original = rm._check_finite

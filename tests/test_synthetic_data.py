@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beit3_hf.datasets import load_caption_jsonl, load_karpathy_split
-from beit3_hf.synthetic_data import (
+from beit3_hf.data import load_caption_jsonl, load_karpathy_split
+from beit3_hf.testing.synthetic_data import (
     COLOURS,
     POSITIONS,
     SceneObject,

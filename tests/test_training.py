@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from beit3_hf import Beit3ForImageTextRetrieval
-from beit3_hf.modeling_beit3 import image_text_contrastive_loss
+from beit3_hf.models.beit3.modeling_beit3 import image_text_contrastive_loss
 from beit3_hf.training import global_contrastive_loss, layer_decay_parameter_groups, parameter_layer_id
 
 from oracle_utils import free_port, tiny_config

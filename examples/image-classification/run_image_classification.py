@@ -45,7 +45,7 @@ from transformers import (
 
 import beit3_hf  # noqa: F401  (registers the BEiT-3 classes with the Auto classes in this process)
 from beit3_hf import BEIT3_PRESETS, Beit3ImageProcessor
-from beit3_hf.datasets import load_imagefolder
+from beit3_hf.data import load_imagefolder
 from beit3_hf.training import Beit3Trainer, load_config
 
 logger = logging.getLogger(__name__)

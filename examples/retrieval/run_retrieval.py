@@ -32,9 +32,9 @@ from torchvision import transforms
 from transformers import AutoModel, AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
 
 from beit3_hf import Beit3ForImageTextRetrieval
-from beit3_hf.datasets import RetrievalEvalIndex, RetrievalPairDataset, load_caption_jsonl, load_karpathy_split
-from beit3_hf.retrieval_metrics import evaluate_retrieval
-from beit3_hf.tokenization_beit3 import load_sentencepiece_tokenizer, processor_for_task
+from beit3_hf.conversion.tokenizer import load_sentencepiece_tokenizer, processor_for_task
+from beit3_hf.data import RetrievalEvalIndex, RetrievalPairDataset, load_caption_jsonl, load_karpathy_split
+from beit3_hf.evaluation.retrieval import evaluate_retrieval
 from beit3_hf.training import Beit3Trainer, load_config
 
 logger = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from transformers import (
     AutoProcessor,
 )
 
-from .configuration_beit3 import BEIT3_PRESETS, Beit3Config
-from .image_processing_beit3 import Beit3ImageProcessor
-from .modeling_beit3 import (
+from .models.beit3.configuration_beit3 import BEIT3_PRESETS, Beit3Config
+from .models.beit3.image_processing_beit3 import Beit3ImageProcessor
+from .models.beit3.modeling_beit3 import (
     Beit3ForCaptioning,
     Beit3ForImageClassification,
     Beit3ForImageTextRetrieval,
@@ -28,7 +28,7 @@ from .modeling_beit3 import (
     Beit3Model,
     Beit3PreTrainedModel,
 )
-from .processing_beit3 import Beit3Processor
+from .models.beit3.processing_beit3 import Beit3Processor
 
 __version__ = "0.1.0.dev0"
 

@@ -85,7 +85,7 @@ class Beit3Processor(ProcessorMixin):
     Args:
         image_processor ([`Beit3ImageProcessor`] or any image processor): the image side.
         tokenizer ([`PreTrainedTokenizerBase`]): the text side, normally the ``beit3.spm`` conversion
-            (``beit3_hf.tokenization_beit3.load_sentencepiece_tokenizer``); any transformers tokenizer works.
+            (``beit3_hf.conversion.tokenizer.load_sentencepiece_tokenizer``); any transformers tokenizer works.
         max_length (`int`, defaults to 64): text length after truncation and padding (``--num_max_bpe_tokens``;
             the original captioning recipes used 32). Saved in ``processor_config.json``.
 
@@ -114,7 +114,7 @@ class Beit3Processor(ProcessorMixin):
     ) -> None:
         if tokenizer is None:
             raise ValueError(
-                "Beit3Processor needs a tokenizer, e.g. beit3_hf.tokenization_beit3.load_sentencepiece_tokenizer("
+                "Beit3Processor needs a tokenizer, e.g. beit3_hf.conversion.tokenizer.load_sentencepiece_tokenizer("
                 "'beit3.spm') or AutoTokenizer.from_pretrained(<converted checkpoint>)."
             )
         if image_processor is None:

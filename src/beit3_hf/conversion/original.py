@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .configuration_beit3 import Beit3Config
+from ..models.beit3.configuration_beit3 import Beit3Config
 
 TASKS = ("backbone", "image-classification", "retrieval", "vqa", "nlvr2", "captioning")
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, Trainer
 
-from .configuration_beit3 import BEIT3_PRESETS, Beit3Config
+from ..models.beit3.configuration_beit3 import BEIT3_PRESETS, Beit3Config
 
 
 def load_config(name_or_path: str, overrides: str | None = None, **from_pretrained_kwargs: Any) -> PretrainedConfig:

@@ -81,12 +81,21 @@ class Beit3CaptioningOutput(ModelOutput):
     Args:
         loss: label-smoothed masked-token loss over the positions with `labels != -100`.
         logits: (batch, text_len, vocab_size) scores of the text positions.
-        past_key_values: the key/value cache, when `use_cache=True`.
+        cache: the key/value cache, when `use_cache=True`; also readable as `past_key_values`.
+
+    The field is named `cache` on every supported transformers version: from 5.24 on, `ModelOutput` renames the
+    keyword `past_key_values=` to `cache=` in every subclass's constructor, so a field named `past_key_values`
+    cannot be filled there, while before 5.24 `cache` is an ordinary field name.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Beit3KeyValueCache | None = None
+    cache: Beit3KeyValueCache | None = None
+
+    @property
+    def past_key_values(self) -> Beit3KeyValueCache | None:
+        """The cache under its pre-5.24 name (transformers 5.24 defines the same alias on `ModelOutput`)."""
+        return self.cache
 
 
 class Beit3KeyValueCache:
@@ -1061,7 +1070,7 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
         hidden = self.beit3.encoder(embeddings, split_position, bias, past_key_values=past_key_values)
         logits = self.lm_head(hidden.last_hidden_state[:, split_position:])  # text positions only
         loss = None if labels is None else self.captioning_loss(logits, labels)
-        return Beit3CaptioningOutput(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return Beit3CaptioningOutput(loss=loss, logits=logits, cache=past_key_values if use_cache else None)
 
     def _embed(
         self,

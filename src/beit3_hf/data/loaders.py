@@ -7,7 +7,7 @@ Retrieval:
 - :func:`load_caption_jsonl`: a JSON list or JSON Lines file of ``{"image": path, "caption": text}``;
 - :class:`RetrievalPairDataset`: a torch ``Dataset`` with one ``(image, caption)`` pair per caption, for training;
 - :class:`RetrievalEvalIndex`: the unique images, all captions and the caption -> image map, so that evaluation
-  encodes every image once and every caption once (see :mod:`beit3_hf.retrieval_metrics`).
+  encodes every image once and every caption once (see :mod:`beit3_hf.evaluation.retrieval`).
 
 Classification: :func:`load_imagefolder` reads an ImageNet-style ``train/CLASS/*.JPEG`` + ``val/CLASS/*.JPEG`` folder
 through Hugging Face ``datasets``, without touching the network.
@@ -363,7 +363,7 @@ class RetrievalEvalIndex:
     """An evaluation set laid out for encoding every image once and every caption once.
 
     ``text_to_image[t]`` is the position in ``image_paths`` of caption ``t``'s image: exactly the argument that
-    :func:`beit3_hf.retrieval_metrics.retrieval_recall` takes next to the ``(num_images, num_texts)`` similarity.
+    :func:`beit3_hf.evaluation.retrieval.retrieval_recall` takes next to the ``(num_images, num_texts)`` similarity.
     ``image_ids`` keeps each image's record ``image_id``.
 
     Example:
@@ -491,7 +491,7 @@ def load_imagefolder(
 
     Example:
         >>> import tempfile
-        >>> from beit3_hf.synthetic_data import write_synthetic_dataset
+        >>> from beit3_hf.testing.synthetic_data import write_synthetic_dataset
         >>> d = tempfile.mkdtemp()
         >>> paths = write_synthetic_dataset(d, num_train=1, num_val=0, num_test=0, classification_train_per_class=2,
         ...                                 classification_val_per_class=1, num_colours=2, num_shapes=2)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .datasets import RetrievalEvalIndex
+    from ..data.loaders import RetrievalEvalIndex
 
 __all__ = [
     "evaluate_retrieval",
@@ -237,7 +237,7 @@ def evaluate_retrieval(
     """TR@1/5/10, IR@1/5/10 and their mean of a retrieval model, encoding every image and every caption once.
 
     `model` is a `Beit3ForImageTextRetrieval` (anything with `get_image_features` / `get_text_features`), `processor`
-    its `Beit3Processor`, `index` the evaluation set (:class:`beit3_hf.datasets.RetrievalEvalIndex`). With an
+    its `Beit3Processor`, `index` the evaluation set (:class:`beit3_hf.data.RetrievalEvalIndex`). With an
     `accelerate.Accelerator`, each process encodes its share and the embeddings are gathered. The original encodes
     each image once per caption; this encodes it once.
     """

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .synthetic_data import write_synthetic_dataset
+from beit3_hf.testing.synthetic_data import write_synthetic_dataset
 
 # A small BEiT-3: patch 32 on 64x64 images puts one patch on each cell of the dataset's 2x2 grid.
 MODEL_OVERRIDES = (
@@ -92,7 +92,9 @@ def train_caption_tokenizer(karpathy_json: Path, output: Path, vocab_size: int =
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="runs/demo", type=Path)
-    parser.add_argument("--script", default="examples/retrieval/run_retrieval.py", type=Path)
+    parser.add_argument(
+        "--script", default=Path(__file__).resolve().parents[1] / "retrieval" / "run_retrieval.py", type=Path
+    )
     parser.add_argument("--max-steps", type=int, default=2000)
     parser.add_argument("--num-train", type=int, default=2000, help="training images (5 captions each)")
     args = parser.parse_args(argv)

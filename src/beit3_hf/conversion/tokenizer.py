@@ -35,8 +35,8 @@ from tokenizers.models import BPE, Unigram
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from .image_processing_beit3 import Beit3ImageProcessor
-    from .processing_beit3 import Beit3Processor
+    from ..models.beit3.image_processing_beit3 import Beit3ImageProcessor
+    from ..models.beit3.processing_beit3 import Beit3Processor
 
 __all__ = [
     "CONVERTER_TASKS",
@@ -373,7 +373,7 @@ def load_sentencepiece_tokenizer(
 
 def build_image_processor(*, task: str, image_size: int) -> Beit3ImageProcessor:
     """The eval image processor of a converter task (see :data:`CONVERTER_TASKS`) at the checkpoint's resolution."""
-    from .image_processing_beit3 import Beit3ImageProcessor
+    from ..models.beit3.image_processing_beit3 import Beit3ImageProcessor
 
     if task not in CONVERTER_TASKS:
         raise ValueError(f"Unknown task {task!r}; expected one of {sorted(CONVERTER_TASKS)}.")
@@ -384,7 +384,7 @@ def processor_for_task(
     tokenizer: PreTrainedTokenizerBase, *, task: str, image_size: int, max_length: int = DEFAULT_MAX_LENGTH
 ) -> Beit3Processor:
     """A :class:`Beit3Processor` around `tokenizer` with the eval image transform of `task` at `image_size`."""
-    from .processing_beit3 import Beit3Processor
+    from ..models.beit3.processing_beit3 import Beit3Processor
 
     image_processor = build_image_processor(task=task, image_size=image_size)
     return Beit3Processor(image_processor=image_processor, tokenizer=tokenizer, max_length=max_length)

@@ -21,7 +21,7 @@ evaluation image identifies that image and no other (the generator checks this b
 
 The same seed gives the same bytes on every run (with the same Pillow build). Command line::
 
-    python -m beit3_hf.synthetic_data --output data/synthetic
+    python -m beit3_hf.testing.synthetic_data --output data/synthetic
 """
 
 from __future__ import annotations
@@ -136,9 +136,9 @@ class SyntheticSample:
 class SyntheticDatasetPaths:
     """Where :func:`write_synthetic_dataset` put things.
 
-    ``image_root`` is what to pass to :func:`beit3_hf.datasets.load_karpathy_split` together with ``karpathy_json``;
+    ``image_root`` is what to pass to :func:`beit3_hf.data.load_karpathy_split` together with ``karpathy_json``;
     ``caption_jsonl`` maps each written Karpathy split name to its ``captions_{split}.jsonl``; ``imagenet`` holds
-    ``train/`` and ``val/`` class folders for :func:`beit3_hf.datasets.load_imagefolder`.
+    ``train/`` and ``val/`` class folders for :func:`beit3_hf.data.load_imagefolder`.
 
     Example:
         >>> import tempfile
@@ -552,7 +552,7 @@ def write_synthetic_dataset(
 
     Example:
         >>> import tempfile
-        >>> from beit3_hf.datasets import load_karpathy_split
+        >>> from beit3_hf.data import load_karpathy_split
         >>> paths = write_synthetic_dataset(tempfile.mkdtemp(), num_train=4, num_val=2, num_test=3,
         ...                                 classification_train_per_class=1, classification_val_per_class=1)
         >>> records = load_karpathy_split(paths.karpathy_json, paths.image_root, "test")
@@ -670,7 +670,7 @@ def write_synthetic_dataset(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: ``python -m beit3_hf.synthetic_data --output DIR [options]``.
+    """Command-line entry point: ``python -m beit3_hf.testing.synthetic_data --output DIR [options]``.
 
     Example:
         >>> import tempfile
@@ -679,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     parser = argparse.ArgumentParser(
-        prog="python -m beit3_hf.synthetic_data",
+        prog="python -m beit3_hf.testing.synthetic_data",
         description="Write the built-in synthetic image-text dataset (Karpathy JSON, caption JSONL, ImageNet folders).",
     )
     parser.add_argument("--output", required=True, help="folder to write (created; must be empty or ours)")

@@ -1,0 +1,474 @@
+"""Convert an original BEiT-3 checkpoint (microsoft/unilm `beit3`, torchscale) into a Hugging Face folder.
+
+    python -m beit3_hf.convert --checkpoint beit3_base_patch16_384_coco_retrieval.pth --task retrieval \
+        --output beit3-base-patch16-384-coco-retrieval [--image-size 480] [--verify]
+
+The architecture is read from the tensors (never from the file name); every key goes through `KEY_MAPPING`, and
+any key that is missing or left unused is an error. The output folder holds `model.safetensors`, `config.json` and
+the code files, and loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..models.beit3.configuration_beit3 import Beit3Config
+from ..models.beit3.modeling_beit3 import (
+    Beit3ForCaptioning,
+    Beit3ForImageClassification,
+    Beit3ForImageTextRetrieval,
+    Beit3ForVisualQuestionAnswering,
+    Beit3ForVisualReasoning,
+    Beit3Model,
+    Beit3PreTrainedModel,
+    resize_patch_position_embeddings,
+)
+from .tokenizer import DEFAULT_MAX_LENGTH, load_sentencepiece_tokenizer, processor_for_task
+
+TASK_CLASSES: dict[str, type[Beit3PreTrainedModel]] = {
+    "backbone": Beit3Model,
+    "image-classification": Beit3ForImageClassification,
+    "retrieval": Beit3ForImageTextRetrieval,
+    "vqa": Beit3ForVisualQuestionAnswering,
+    "nlvr2": Beit3ForVisualReasoning,
+    "captioning": Beit3ForCaptioning,
+}
+
+# The original position tables start with two rows that are never read: torchscale follows fairseq, whose positions
+# start at 2. They are dropped here, once, so that our models index positions from 0.
+FAIRSEQ_POSITION_OFFSET = 2
+
+
+def _drop_fairseq_rows(table: torch.Tensor) -> torch.Tensor:
+    return table[FAIRSEQ_POSITION_OFFSET:]
+
+
+# Expert letters of torchscale's MultiwayNetwork: A is the vision expert, B the text expert.
+_EXPERT = {"A": "vision", "B": "text"}
+_LAYER = r"beit3\.encoder\.layers\.(\d+)\."
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """One row of the mapping table: an original key pattern, our key template, and an optional tensor transform."""
+
+    pattern: str
+    target: str
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def apply(self, key: str) -> str | None:
+        match = re.fullmatch(self.pattern, key)
+        if match is None:
+            return None
+        groups = {f"g{i}": _EXPERT.get(value, value) for i, value in enumerate(match.groups(), start=1)}
+        return self.target.format(**groups)
+
+
+#: Backbone keys, shared by every task. `{gN}` is the N-th group of the pattern, with A/B read as vision/text.
+BACKBONE_RULES: tuple[KeyRule, ...] = (
+    KeyRule(r"beit3\.text_embed\.weight", "beit3.text_embeddings.token_embedding.weight"),
+    KeyRule(r"beit3\.vision_embed\.proj\.(weight|bias)", "beit3.vision_embeddings.patch_embedding.{g1}"),
+    KeyRule(r"beit3\.vision_embed\.cls_token", "beit3.vision_embeddings.cls_token"),
+    KeyRule(r"beit3\.vision_embed\.mask_token", "beit3.vision_embeddings.mask_token"),
+    KeyRule(
+        r"beit3\.encoder\.embed_positions\.A\.weight",
+        "beit3.vision_embeddings.position_embedding.weight",
+        _drop_fairseq_rows,
+    ),
+    KeyRule(
+        r"beit3\.encoder\.embed_positions\.B\.weight",
+        "beit3.text_embeddings.position_embedding.weight",
+        _drop_fairseq_rows,
+    ),
+    KeyRule(_LAYER + r"self_attn\.(q|k|v|out)_proj\.(A|B)\.(weight|bias)", "beit3.encoder.layers.{g1}.self_attn.{g2}_proj.{g3}.{g4}"),
+    KeyRule(_LAYER + r"self_attn\.inner_attn_ln\.(A|B)\.(weight|bias)", "beit3.encoder.layers.{g1}.self_attn.sub_layernorm.{g2}.{g3}"),
+    KeyRule(_LAYER + r"self_attn_layer_norm\.(A|B)\.(weight|bias)", "beit3.encoder.layers.{g1}.layernorm_before.{g2}.{g3}"),
+    KeyRule(_LAYER + r"final_layer_norm\.(A|B)\.(weight|bias)", "beit3.encoder.layers.{g1}.layernorm_after.{g2}.{g3}"),
+    KeyRule(_LAYER + r"ffn\.(A|B)\.(fc1|fc2)\.(weight|bias)", "beit3.encoder.layers.{g1}.ffn.{g2}.{g3}.{g4}"),
+    KeyRule(_LAYER + r"ffn\.(A|B)\.ffn_layernorm\.(weight|bias)", "beit3.encoder.layers.{g1}.ffn.{g2}.sub_layernorm.{g3}"),
+    KeyRule(r"beit3\.encoder\.layer_norm\.(A|B)\.(weight|bias)", "beit3.encoder.layernorm.{g1}.{g2}"),
+)  # fmt: skip
+
+#: Head keys of each task (unilm `beit3/modeling_finetune.py`).
+HEAD_RULES: dict[str, tuple[KeyRule, ...]] = {
+    "backbone": (),
+    "image-classification": (
+        KeyRule(r"fc_norm\.(weight|bias)", "fc_norm.{g1}"),
+        KeyRule(r"head\.(weight|bias)", "classifier.{g1}"),
+    ),
+    "retrieval": (
+        KeyRule(r"logit_scale", "logit_scale"),
+        KeyRule(r"vision_head\.weight", "vision_projection.weight"),
+        KeyRule(r"language_head\.weight", "text_projection.weight"),
+    ),
+    "vqa": (
+        KeyRule(r"pooler\.norm\.(weight|bias)", "pooler.layernorm.{g1}"),
+        KeyRule(r"pooler\.dense\.(weight|bias)", "pooler.dense.{g1}"),
+        KeyRule(r"head\.0\.(weight|bias)", "classifier.dense.{g1}"),  # head = Linear, LayerNorm, GELU, Linear
+        KeyRule(r"head\.1\.(weight|bias)", "classifier.layernorm.{g1}"),
+        KeyRule(r"head\.3\.(weight|bias)", "classifier.out_proj.{g1}"),
+    ),
+    "nlvr2": (
+        KeyRule(r"head\.norm1\.(weight|bias)", "classifier.input_layernorm.{g1}"),
+        KeyRule(r"head\.dense1\.(weight|bias)", "classifier.dense.{g1}"),
+        KeyRule(r"head\.norm2\.(weight|bias)", "classifier.layernorm.{g1}"),
+        KeyRule(r"head\.dense2\.(weight|bias)", "classifier.out_proj.{g1}"),
+    ),
+    "captioning": (KeyRule(r"mlm_head\.(weight|bias)", "lm_head.{g1}"),),
+}
+
+# Keys that pretrained (not fine-tuned) checkpoints carry besides the backbone: the pretraining heads and, in the
+# `*_itc_*` checkpoints, the contrastive heads. The names of the pretraining heads are inferred (no pretraining code
+# was released); `--task backbone` drops and lists these, and any other unknown key stays an error.
+PRETRAINING_ONLY_KEYS = re.compile(r"(mlm_head|mim_head|vision_head|language_head)\.(weight|bias)|logit_scale")
+
+# Head keys that identify the task a checkpoint was fine-tuned for; used to explain a --task mismatch.
+_TASK_SIGNATURES = {
+    "image-classification": "fc_norm.weight",
+    "retrieval": "logit_scale",
+    "vqa": "pooler.dense.weight",
+    "nlvr2": "head.dense1.weight",
+    "captioning": "mlm_head.weight",
+}
+
+
+class ConversionError(ValueError):
+    """The checkpoint cannot be converted as asked; the message says why."""
+
+
+def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an original checkpoint safely (`weights_only=True`: a checkpoint never runs code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"Checkpoint {path} does not exist.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, not a torch file, pickled code refused by weights_only, ...
+        raise ConversionError(f"Could not read checkpoint {path}: it is corrupt, truncated or not a PyTorch "
+                              f"state dict ({type(error).__name__}: {error}).") from error  # fmt: skip
+    if not isinstance(checkpoint, dict):
+        raise ConversionError(f"Checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict.")
+    # unilm saves {"model": state_dict, ...}; DeepSpeed saves {"module": state_dict, ...}.
+    for container in ("model", "module"):
+        if isinstance(checkpoint.get(container), dict):
+            checkpoint = checkpoint[container]
+            break
+    state_dict = {key: value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
+    if not state_dict or "beit3.text_embed.weight" not in state_dict:
+        raise ConversionError(
+            f"Checkpoint {path} is not an original BEiT-3 checkpoint: no 'beit3.text_embed.weight' among its keys "
+            f"{sorted(checkpoint)[:8]}..."
+        )
+    return state_dict
+
+
+def detect_task(state_dict: dict[str, torch.Tensor]) -> str:
+    """The task whose head keys the checkpoint carries ("backbone" when it has none)."""
+    for task, key in _TASK_SIGNATURES.items():
+        if key in state_dict and not (task == "retrieval" and "mlm_head.weight" in state_dict):
+            return task
+    return "backbone"
+
+
+# `<mask>` of `beit3.spm`, the tokenizer of every released checkpoint (vocabulary of 64010 embedding rows).
+RELEASED_VOCAB_SIZE, RELEASED_MASK_TOKEN_ID = 64010, 64001
+
+
+def infer_config(
+    state_dict: dict[str, torch.Tensor],
+    task: str,
+    num_attention_heads: int | None = None,
+    mask_token_id: int | None = None,
+) -> Beit3Config:
+    """The architecture of the checkpoint, read from its tensors (and the tokenizer's `<mask>` id for captioning)."""
+    hidden_size = state_dict["beit3.text_embed.weight"].shape[1]
+    layer_ids = {int(m.group(1)) for key in state_dict if (m := re.match(_LAYER, key))}
+    patch_weight = state_dict["beit3.vision_embed.proj.weight"]  # (hidden, channels, patch, patch)
+    num_positions = state_dict["beit3.encoder.embed_positions.A.weight"].shape[0] - FAIRSEQ_POSITION_OFFSET - 1
+    grid = math.isqrt(num_positions)
+    if grid * grid != num_positions:
+        raise ConversionError(f"The vision position table has {num_positions} patch rows, not a square grid.")
+    heads = num_attention_heads or max(hidden_size // 64, 1)
+    labels = {
+        "image-classification": "head.weight",
+        "vqa": "head.3.weight",
+        "nlvr2": "head.dense2.weight",
+    }
+    kwargs = {}
+    if task in labels and labels[task] in state_dict:
+        kwargs["num_labels"] = state_dict[labels[task]].shape[0]
+    vocab_size = state_dict["beit3.text_embed.weight"].shape[0]
+    if mask_token_id is None and task == "captioning":
+        if vocab_size != RELEASED_VOCAB_SIZE:
+            raise ConversionError(
+                "--task captioning decodes at the tokenizer's <mask> token: pass --sentencepiece or --mask-token-id "
+                f"(the vocabulary has {vocab_size} rows, not the released {RELEASED_VOCAB_SIZE} of beit3.spm)."
+            )
+        mask_token_id = RELEASED_MASK_TOKEN_ID
+    if mask_token_id is not None:
+        kwargs["mask_token_id"] = mask_token_id
+    return Beit3Config(
+        hidden_size=hidden_size,
+        num_hidden_layers=len(layer_ids),
+        num_attention_heads=heads,
+        intermediate_size=state_dict["beit3.encoder.layers.0.ffn.A.fc1.weight"].shape[0],
+        image_size=grid * patch_weight.shape[-1],
+        patch_size=patch_weight.shape[-1],
+        num_channels=patch_weight.shape[1],
+        vocab_size=vocab_size,
+        max_position_embeddings=state_dict["beit3.encoder.embed_positions.B.weight"].shape[0]
+        - FAIRSEQ_POSITION_OFFSET,
+        use_final_layernorm="beit3.encoder.layer_norm.A.weight" in state_dict,
+        **kwargs,
+    )
+
+
+def convert_state_dict(
+    state_dict: dict[str, torch.Tensor], task: str, ignore_unused: str | None = None
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map original keys to ours. Returns (converted state dict, dropped pretraining-only keys).
+
+    Raises `ConversionError` listing every key that no rule of `task` consumes (except the pretraining-only keys
+    when converting a backbone, and keys matching the `ignore_unused` regex).
+    """
+    rules = BACKBONE_RULES + HEAD_RULES[task]
+    converted, unused, dropped = {}, [], []
+    for key, tensor in state_dict.items():
+        for rule in rules:
+            target = rule.apply(key)
+            if target is not None:
+                converted[target] = rule.transform(tensor) if rule.transform else tensor
+                break
+        else:
+            pretraining_only = task == "backbone" and PRETRAINING_ONLY_KEYS.fullmatch(key)
+            (dropped if pretraining_only or (ignore_unused and re.fullmatch(ignore_unused, key)) else unused).append(
+                key
+            )
+    if unused:
+        found = detect_task(state_dict)
+        hint = f" The checkpoint looks like a {found!r} checkpoint." if found != task else ""
+        raise ConversionError(
+            f"{len(unused)} checkpoint keys are not used by --task {task}: {_abbreviate(unused)}.{hint}"
+        )
+    if task == "backbone":
+        converted = {key.removeprefix("beit3."): value for key, value in converted.items()}
+    return converted, dropped
+
+
+def _abbreviate(keys: Sequence[str], limit: int = 12) -> str:
+    shown = ", ".join(sorted(keys)[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def resize_vision_positions(
+    state_dict: dict[str, torch.Tensor], prefix: str, config: Beit3Config, image_size: int
+) -> None:
+    """Resize the vision position table in place to `image_size` (original's bicubic interpolation, CLS row kept)."""
+    if image_size % config.patch_size:
+        raise ConversionError(f"--image-size {image_size} is not a multiple of the patch size {config.patch_size}.")
+    key = f"{prefix}vision_embeddings.position_embedding.weight"
+    table = state_dict[key]
+    old_grid = (config.image_size // config.patch_size,) * 2
+    new_grid = (image_size // config.patch_size,) * 2
+    state_dict[key] = torch.cat([table[:1], resize_patch_position_embeddings(table[1:], old_grid, new_grid)])
+    config.image_size = image_size
+
+
+def convert_checkpoint(
+    checkpoint: str | Path,
+    task: str,
+    *,
+    image_size: int | None = None,
+    num_attention_heads: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    ignore_unused: str | None = None,
+    mask_token_id: int | None = None,
+) -> tuple[Beit3PreTrainedModel, list[str]]:
+    """Build our model for `task` from an original checkpoint file; returns (model, dropped pretraining-only keys)."""
+    if task not in TASK_CLASSES:
+        raise ConversionError(f"Unknown task {task!r}; choose one of {sorted(TASK_CLASSES)}.")
+    return model_from_state_dict(
+        load_original_state_dict(checkpoint),
+        task,
+        image_size=image_size,
+        num_attention_heads=num_attention_heads,
+        dtype=dtype,
+        ignore_unused=ignore_unused,
+        mask_token_id=mask_token_id,
+    )
+
+
+def model_from_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    task: str,
+    *,
+    image_size: int | None = None,
+    num_attention_heads: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    ignore_unused: str | None = None,
+    mask_token_id: int | None = None,
+) -> tuple[Beit3PreTrainedModel, list[str]]:
+    """Build our model for `task` from an original state dict; returns (model, dropped pretraining-only keys)."""
+    if task not in TASK_CLASSES:
+        raise ConversionError(f"Unknown task {task!r}; choose one of {sorted(TASK_CLASSES)}.")
+    config = infer_config(state_dict, task, num_attention_heads, mask_token_id)
+    converted, dropped = convert_state_dict(state_dict, task, ignore_unused)
+    if image_size is not None and image_size != config.image_size:
+        resize_vision_positions(converted, "" if task == "backbone" else "beit3.", config, image_size)
+    model = TASK_CLASSES[task](config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(converted))
+    if missing:
+        found = detect_task(state_dict)
+        hint = f" The checkpoint looks like a {found!r} checkpoint." if found != task else ""
+        raise ConversionError(f"{len(missing)} weights of --task {task} are missing from the checkpoint: "
+                              f"{_abbreviate(missing)}.{hint}")  # fmt: skip
+    for key, tensor in converted.items():
+        if tensor.shape != expected[key].shape:
+            raise ConversionError(
+                f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(expected[key].shape)}."
+            )
+    model.load_state_dict({key: value.to(dtype) for key, value in converted.items()}, strict=True)
+    return model.to(dtype).eval(), dropped
+
+
+@torch.no_grad()
+def verify_against_original(
+    state_dict: dict[str, torch.Tensor],
+    task: str,
+    *,
+    num_attention_heads: int | None = None,
+    ignore_unused: str | None = None,
+    mask_token_id: int | None = None,
+    seed: int = 0,
+) -> float:
+    """Max |diff| between the original implementation loaded with an original `state_dict` and our conversion of it
+    (float32). Both run on random images and a padded text batch at the checkpoint's own resolution.
+    """
+    from . import original
+
+    ours, _ = model_from_state_dict(
+        state_dict,
+        task,
+        num_attention_heads=num_attention_heads,
+        ignore_unused=ignore_unused,
+        mask_token_id=mask_token_id,
+    )
+    reference = original.build_original_model(task, ours.config)
+    reference_keys = reference.state_dict().keys()
+    reference.load_state_dict({k: v.float() for k, v in state_dict.items() if k in reference_keys}, strict=True)
+    inputs = random_inputs(ours.config, task, batch_size=2, seed=seed)
+    expected = original.run_original(reference, task, **inputs)
+    actual = ours(**inputs)
+    return max((actual[name].float() - value.float()).abs().max().item() for name, value in expected.items())
+
+
+def random_inputs(config: Beit3Config, task: str, batch_size: int = 2, text_len: int = 8, seed: int = 0) -> dict:
+    """Random images and a padded text batch (`<s> ... </s>` then padding) for `task`."""
+    generator = torch.Generator().manual_seed(seed)
+    image_shape = (batch_size, config.num_channels, config.image_size, config.image_size)
+    if task == "nlvr2":
+        image_shape = (batch_size, 2, *image_shape[1:])
+    pixel_values = torch.randn(image_shape, generator=generator)
+    input_ids = torch.randint(3, config.vocab_size, (batch_size, text_len), generator=generator)
+    attention_mask = torch.ones(batch_size, text_len, dtype=torch.long)
+    lengths = torch.linspace(text_len, 3, batch_size).long()  # the first row is full, later rows padded
+    for row, length in enumerate(lengths.tolist()):
+        input_ids[row, 0], input_ids[row, length - 1] = config.bos_token_id, config.eos_token_id
+        input_ids[row, length:] = config.pad_token_id
+        attention_mask[row, length:] = 0
+    inputs = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
+    if task == "image-classification":
+        del inputs["input_ids"], inputs["attention_mask"]
+    return inputs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m beit3_hf.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="original .pth file (unilm BEiT-3)")
+    parser.add_argument("--task", required=True, choices=sorted(TASK_CLASSES))
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--image-size", type=int, help="resize the vision position table to this image size")
+    parser.add_argument("--num-attention-heads", type=int, help="attention heads (default: hidden size / 64)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--ignore-unused", metavar="REGEX", help="drop checkpoint keys matching REGEX instead of failing"
+    )
+    parser.add_argument(
+        "--sentencepiece",
+        metavar="PATH",
+        help="the original beit3.spm: also write the tokenizer, image processor and processor to the output",
+    )
+    parser.add_argument(
+        "--mask-token-id", type=int, help="the tokenizer's <mask> id (captioning; default from the tokenizer)"
+    )
+    parser.add_argument("--verify", action="store_true", help="compare outputs with the original implementation")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    processor = None
+    try:
+        if args.sentencepiece is not None:
+            # Read the tokenizer first: a bad --sentencepiece fails before the (large) checkpoint is loaded.
+            max_length = 32 if args.task == "captioning" else DEFAULT_MAX_LENGTH  # the original recipes' lengths
+            tokenizer = load_sentencepiece_tokenizer(args.sentencepiece, max_length=max_length)
+            if args.mask_token_id is None:
+                args.mask_token_id = tokenizer.mask_token_id
+        state_dict = load_original_state_dict(args.checkpoint)  # read once, for the conversion and --verify
+        model, dropped = model_from_state_dict(
+            state_dict,
+            args.task,
+            image_size=args.image_size,
+            num_attention_heads=args.num_attention_heads,
+            dtype=getattr(torch, args.dtype),
+            ignore_unused=args.ignore_unused,
+            mask_token_id=args.mask_token_id,
+        )
+        if args.sentencepiece is not None:
+            if len(tokenizer) > model.config.vocab_size:
+                raise ConversionError(
+                    f"The tokenizer {args.sentencepiece} has {len(tokenizer)} ids but the checkpoint's vocabulary has "
+                    f"only {model.config.vocab_size} rows: it is not this checkpoint's tokenizer."
+                )
+            processor = processor_for_task(
+                tokenizer, task=args.task, image_size=model.config.image_size, max_length=max_length
+            )
+        if dropped:
+            print(f"Dropped {len(dropped)} keys not used by --task {args.task}: {_abbreviate(dropped)}")
+        if args.verify:
+            max_diff = verify_against_original(
+                state_dict,
+                args.task,
+                num_attention_heads=args.num_attention_heads,
+                ignore_unused=args.ignore_unused,
+                mask_token_id=args.mask_token_id,
+            )
+            print(f"Max |diff| against the original implementation (float32): {max_diff:.3e}")
+            if max_diff > 1e-4:
+                raise ConversionError(f"Outputs differ from the original by {max_diff:.3e} (> 1e-4).")
+    except (ConversionError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model.save_pretrained(args.output)
+    if processor is not None:
+        processor.save_pretrained(args.output)
+    config = model.config
+    print(
+        f"Saved {type(model).__name__} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"image {config.image_size}) to {args.output}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,50 +1,92 @@
-# Two entry points (see README): `make demo` and `make test`. Both set up the project's virtual environment
-# in .venv (created on first use, re-synced when pyproject.toml changes) and run inside it.
+# Two entry points (see README): `make demo` and `make test`. Each sets up its virtual environment on first use
+# (re-synced when pyproject.toml or the lock file changes) and runs inside it. `make test-compat` runs the same suite
+# on the oldest transformers that pyproject.toml allows and on the newest 5.x on the index; CI runs both.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# The original unilm BEiT-3 code and its torchscale/fairscale pins, installed without their (stale) requirements.
-ORACLE := beit3-gml==0.1.3 torchscale==0.3.0 fairscale==0.4.0
+# Exact versions of everything `make test` installs; `make lock` regenerates it from a fresh environment.
+LOCK := requirements/lock.txt
+# The original implementations, numerical oracles of the parity tests, installed without their stale requirements:
+# unilm BEiT-3 with its torchscale / fairscale pins, and OpenAI's DALL-E dVAE.
+ORACLE := beit3-gml==0.1.3 torchscale==0.3.0 fairscale==0.4.0 dall-e==0.1
+# The transformers floor, read from pyproject.toml (`transformers>=X,<6`), so the two cannot drift apart.
+TRANSFORMERS_FLOOR := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\),<6",*$$/\1/p' pyproject.toml)
+COMPAT_VENVS := .venv-floor .venv-latest
 PYTEST_ARGS ?=
+LINT_PATHS := src tests benchmarks examples scripts
 
-.PHONY: demo test test-all lint format bench clean
+.PHONY: demo test test-all test-compat lint format bench lock clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	touch $@
 
-$(VENV)/.test-installed: $(VENV)/.created pyproject.toml
-	$(PIP) install -q -e ".[test]"
-	$(PIP) install -q --no-deps --no-build-isolation $(ORACLE)
+$(VENV)/.test-installed: $(VENV)/.created pyproject.toml $(LOCK)
+	$(PIP) install -q -c $(LOCK) -e ".[test]"
+	$(PIP) install -q -c $(LOCK) --no-deps --no-build-isolation $(ORACLE)
 	touch $@
 
-$(VENV)/.demo-installed: $(VENV)/.created pyproject.toml
-	$(PIP) install -q -e ".[train]"
+$(VENV)/.demo-installed: $(VENV)/.created pyproject.toml $(LOCK)
+	$(PIP) install -q -c $(LOCK) -e ".[train]"
 	touch $@
 
 demo: $(VENV)/.demo-installed
 	$(PY) examples/demo/run_demo.py
 
 test: $(VENV)/.test-installed
-	$(PY) -m ruff check src tests benchmarks examples
-	$(PY) -m ruff format --check src tests benchmarks examples
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(VENV)/.test-installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The compatibility environments take torch / torchvision from the lock (no second multi-GB download) and let pip
+# resolve the rest around the transformers under test.
+.venv-floor/.installed: pyproject.toml $(LOCK)
+	rm -rf .venv-floor && $(PYTHON) -m venv .venv-floor
+	.venv-floor/bin/python -m pip install -q --upgrade pip setuptools wheel
+	grep -E '^(torch|torchvision)==' $(LOCK) > .venv-floor/torch.txt
+	.venv-floor/bin/python -m pip install -q -c .venv-floor/torch.txt -e ".[test]" "transformers==$(TRANSFORMERS_FLOOR)"
+	.venv-floor/bin/python -m pip install -q --no-deps --no-build-isolation $(ORACLE)
+	touch $@
+
+.venv-latest/.installed: pyproject.toml $(LOCK)
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip setuptools wheel
+	touch $@
+
+test-compat: .venv-floor/.installed .venv-latest/.installed
+	@# "The newest 5.x on the index" is looked up on every run, not frozen at the environment's creation.
+	grep -E '^(torch|torchvision)==' $(LOCK) > .venv-latest/torch.txt
+	.venv-latest/bin/python -m pip install -q --upgrade -c .venv-latest/torch.txt -e ".[test]" "transformers>=5,<6"
+	.venv-latest/bin/python -m pip install -q --no-deps --no-build-isolation $(ORACLE)
+	@for venv in $(COMPAT_VENVS); do \
+		echo "== $$venv: transformers $$($$venv/bin/python -c 'import transformers; print(transformers.__version__)')"; \
+		$$venv/bin/python -m pytest -m "not slow" -q $(PYTEST_ARGS) || exit 1; \
+	done
+
 lint: $(VENV)/.test-installed
-	$(PY) -m ruff check src tests benchmarks examples
-	$(PY) -m ruff format --check src tests benchmarks examples
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 
 format: $(VENV)/.test-installed
-	$(PY) -m ruff check --fix src tests benchmarks examples
-	$(PY) -m ruff format src tests benchmarks examples
+	$(PY) -m ruff check --fix $(LINT_PATHS)
+	$(PY) -m ruff format $(LINT_PATHS)
 
 bench: $(VENV)/.test-installed
 	$(PY) benchmarks/throughput.py
 
+# Regenerate the lock from a fresh environment resolved from pyproject.toml alone.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip setuptools wheel
+	.venv-lock/bin/python -m pip install -q -e ".[test]"
+	{ echo "# Exact versions of every package \`make test\` installs (pip constraints). Regenerate with \`make lock\`."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable; } > $(LOCK)
+	rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT_VENVS) .pytest_cache .ruff_cache

@@ -17,6 +17,28 @@ import torch
 from beit3_hf import Beit3Config
 
 TASK_LABELS = {"image-classification": 5, "vqa": 7, "nlvr2": 2}
+PARITY_TOLERANCE = 1e-4
+#: Numeric parity comparisons executed in this session, by reference ("original", "golden fixtures", ...);
+#: `conftest.py` prints the count at the end of the run.
+PARITY_CHECKS: dict[str, int] = {}
+
+
+def max_abs_diff(actual, expected) -> float:
+    """Max |actual - expected| over the tensors named in `expected` (dicts / ModelOutputs) or two tensors; NaN-safe."""
+    if isinstance(expected, torch.Tensor):
+        actual, expected = {"value": actual}, {"value": expected}
+    diffs = [(actual[name].float() - value.float()).abs().max() for name, value in expected.items()]
+    worst = torch.stack(diffs).max()
+    return float("inf") if not torch.isfinite(worst) else worst.item()
+
+
+def assert_parity(actual, expected, reference: str, what: str = "", tolerance: float = PARITY_TOLERANCE) -> None:
+    """Assert max |diff| <= tolerance against `reference` outputs, and count the check (non-finite values fail)."""
+    diff = max_abs_diff(actual, expected)
+    PARITY_CHECKS[reference] = PARITY_CHECKS.get(reference, 0) + 1
+    assert diff <= tolerance, f"{what}: max |diff| {diff:.3e} against {reference} exceeds {tolerance:g}"
+
+
 # The original drops the final encoder layer norm for image classification and VQA.
 TASK_FINAL_LAYERNORM = {"image-classification": False, "vqa": False}
 

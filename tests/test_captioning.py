@@ -19,9 +19,7 @@ from beit3_hf.models.beit3.modeling_beit3 import Beit3KeyValueCache
 
 from oracle_utils import run_fresh_python, tiny_config, train_sentencepiece, write_original_checkpoint
 
-pytestmark = pytest.mark.skipif(
-    not original.is_available(), reason="the original beit3/torchscale code is not installed"
-)
+pytestmark = pytest.mark.oracle("beit3")
 
 MASK = 119  # `<mask>` of the tiny vocabulary
 MAX_LENGTH = 10

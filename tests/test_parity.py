@@ -18,14 +18,18 @@ from safetensors.torch import load_file, save_file
 from beit3_hf.conversion import checkpoint as convert
 from beit3_hf.conversion import original
 
-from oracle_utils import run_fresh_python, tiny_config, write_original_checkpoint
-
-pytestmark = pytest.mark.skipif(
-    not original.is_available(), reason="the original beit3/torchscale code is not installed"
+from oracle_utils import (
+    PARITY_TOLERANCE,
+    assert_parity,
+    run_fresh_python,
+    tiny_config,
+    write_original_checkpoint,
 )
 
+pytestmark = pytest.mark.oracle("beit3")
+
 TASKS = ("backbone", "image-classification", "retrieval", "vqa", "nlvr2", "captioning")
-TOLERANCE = 1e-4
+TOLERANCE = PARITY_TOLERANCE
 EXPECTED_CLASS = {
     "backbone": "Beit3Model",
     "image-classification": "Beit3ForImageClassification",
@@ -72,10 +76,6 @@ def converted(tmp_path_factory):
     return result
 
 
-def max_diff(actual: dict, expected: dict) -> float:
-    return max((actual[name].float() - value.float()).abs().max().item() for name, value in expected.items())
-
-
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_converted_model_matches_original(converted, task, attn_implementation):
@@ -86,7 +86,7 @@ def test_converted_model_matches_original(converted, task, attn_implementation):
         expected = original.run_original(reference, task, **inputs)
         with torch.no_grad():
             actual = model(**inputs)
-        assert max_diff(actual, expected) <= TOLERANCE, f"{task}/{name}"
+        assert_parity(actual, expected, "original", f"{task}/{name} {attn_implementation}")
         scale = max(value.abs().max().item() for value in expected.values())
         assert scale > 0.05, "outputs too small for the comparison to mean anything"
 
@@ -144,7 +144,7 @@ def test_fresh_process_auto_model_matches_original(converted, tmp_path):
         outputs = load_file(tmp_path / f"{task}-{name}-outputs.safetensors")
         for impl in ("eager", "sdpa"):
             actual = {k.split(".", 1)[1]: v for k, v in outputs.items() if k.startswith(impl + ".")}
-            assert max_diff(actual, expected) <= TOLERANCE, f"{key} {impl}"
+            assert_parity(actual, expected, "original", f"fresh process {key} {impl}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -179,7 +179,9 @@ def test_resizing_positions_matches_the_original_loader(tmp_path):
     model = convert.TASK_CLASSES["retrieval"].from_pretrained(tmp_path / "out").eval()
     assert model.config.image_size == 64
     inputs = convert.random_inputs(big, "retrieval", seed=3)
-    assert max_diff(model(**inputs), original.run_original(reference.float(), "retrieval", **inputs)) <= TOLERANCE
+    assert_parity(
+        model(**inputs), original.run_original(reference.float(), "retrieval", **inputs), "original", "resized"
+    )
 
 
 def test_verify_flag_reports_parity(tmp_path, capsys):

@@ -1,0 +1,169 @@
+"""Numeric parity against golden fixtures made once from the original code (`scripts/make_golden_fixtures.py`).
+
+These tests need no original implementation, so they run everywhere, on every transformers version of the test
+matrix: every task's original-format checkpoint goes through the conversion CLI and must reproduce the original's
+outputs at 1e-4 (eager and SDPA, in this process and in a fresh process that cannot import `beit3_hf`), captioning
+must reproduce the original beam search's ids, and the tokenizer the original's ids.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from beit3_hf.conversion import checkpoint as convert
+from beit3_hf.conversion.tokenizer import load_sentencepiece_tokenizer
+
+from oracle_utils import assert_parity, run_fresh_python
+
+GOLDEN = Path(__file__).parent / "fixtures" / "golden"
+TASKS = ("backbone", "image-classification", "retrieval", "vqa", "nlvr2", "captioning")
+REFERENCE = "golden fixtures"
+
+
+def read_fixture(task: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(GOLDEN / f"beit3_tiny_{task}.safetensors", framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()  # noqa: SIM118
+
+
+def group(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, dict[str, torch.Tensor]]:
+    """`{variant: {name: tensor}}` from the keys `prefix/variant/name`."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "/"):
+            variant, name = key[len(prefix) + 1 :].split("/", 1)
+            grouped.setdefault(variant, {})[name] = value
+    return grouped
+
+
+def original_checkpoint(tensors: dict[str, torch.Tensor], path: Path, overrides: dict | None = None) -> Path:
+    """Write the fixture's weights as an original unilm checkpoint (`{"model": state_dict}`)."""
+    weights = {key.removeprefix("weights/"): value for key, value in tensors.items() if key.startswith("weights/")}
+    weights.update(overrides or {})
+    torch.save({"model": weights}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> dict[str, tuple[Path, dict[str, torch.Tensor], dict[str, str]]]:
+    """{task: (converted folder, fixture tensors, fixture metadata)}, each converted through the CLI with the
+    golden tokenizer, so the folders also hold the processor, image processor and tokenizer."""
+    root = tmp_path_factory.mktemp("golden")
+    result = {}
+    for task in TASKS:
+        tensors, metadata = read_fixture(task)
+        folder = root / task
+        args = [
+            "--checkpoint", str(original_checkpoint(tensors, root / f"{task}.pth")), "--task", task,
+            "--output", str(folder), "--num-attention-heads", metadata["num_attention_heads"],
+            "--sentencepiece", str(GOLDEN / "tokenizer.spm"),
+        ]  # fmt: skip
+        assert convert.main(args) == 0
+        result[task] = (folder, tensors, metadata)
+    return result
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_converted_outputs_equal_the_golden_outputs(converted, task, attn_implementation):
+    folder, tensors, _ = converted[task]
+    model = convert.TASK_CLASSES[task].from_pretrained(folder, attn_implementation=attn_implementation).eval()
+    outputs = group(tensors, "outputs")
+    for variant, inputs in group(tensors, "inputs").items():
+        with torch.no_grad():
+            actual = model(**inputs)
+        assert_parity(actual, outputs[variant], REFERENCE, f"{task}/{variant} {attn_implementation}")
+
+
+def test_fresh_process_loads_every_folder_and_equals_the_golden_outputs(converted, tmp_path):
+    """Every converted folder (model, processor, image processor, tokenizer) loads with `trust_remote_code=True`
+    in an interpreter where `beit3_hf` cannot be imported, as the model's own class, and computes the same outputs."""
+    jobs = {}
+    for task, (folder, tensors, _) in converted.items():
+        for variant, inputs in group(tensors, "inputs").items():
+            inputs_file = tmp_path / f"{task}-{variant}-inputs.safetensors"
+            save_file({name: value.contiguous() for name, value in inputs.items()}, inputs_file)
+            jobs[f"{task}/{variant}"] = {"folder": str(folder), "inputs": str(inputs_file)}
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    result = run_fresh_python(
+        """
+        import json
+        import torch
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer
+
+        report = {}
+        for key, job in json.load(open("jobs.json")).items():
+            model = AutoModel.from_pretrained(job["folder"], trust_remote_code=True).eval()
+            with torch.no_grad():
+                out = model(**load_file(job["inputs"]))
+            save_file({k: v.contiguous() for k, v in out.items() if isinstance(v, torch.Tensor)},
+                      key.replace("/", "-") + "-outputs.safetensors")
+            processor = AutoProcessor.from_pretrained(job["folder"], trust_remote_code=True)
+            image_processor = AutoImageProcessor.from_pretrained(job["folder"], trust_remote_code=True)
+            tokenizer = AutoTokenizer.from_pretrained(job["folder"], trust_remote_code=True)
+            report[key] = {"class": type(model).__name__, "module": type(model).__module__,
+                           "processor": type(processor).__name__, "image_processor": type(image_processor).__name__,
+                           "ids": tokenizer("A man riding a wave")["input_ids"]}
+        print(json.dumps(report))
+        """,
+        tmp_path,
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    expected_ids = load_sentencepiece_tokenizer(GOLDEN / "tokenizer.spm")("A man riding a wave")["input_ids"]
+    for key, job_report in report.items():
+        task, variant = key.split("/")
+        assert job_report["class"] == convert.TASK_CLASSES[task].__name__
+        assert job_report["module"].startswith("transformers_modules."), "must run the folder's copy of the code"
+        assert job_report["processor"] == "Beit3Processor" and job_report["ids"] == expected_ids
+        outputs = group(converted[task][1], "outputs")[variant]
+        assert_parity(load_file(tmp_path / f"{task}-{variant}-outputs.safetensors"), outputs, REFERENCE, key)
+
+
+@pytest.mark.parametrize("ending", ["long", "short"])
+@pytest.mark.parametrize("num_beams", [1, 2, 3])
+def test_generate_equals_the_original_beam_search(converted, tmp_path, ending, num_beams):
+    _, tensors, metadata = converted["captioning"]
+    bias = {"mlm_head.bias": tensors[f"beams/{ending}/weights/mlm_head.bias"]}
+    folder = tmp_path / "captioning"
+    args = [
+        "--checkpoint", str(original_checkpoint(tensors, tmp_path / "captioning.pth", bias)), "--task", "captioning",
+        "--output", str(folder), "--num-attention-heads", metadata["num_attention_heads"],
+        "--mask-token-id", metadata["mask_token_id"],
+    ]  # fmt: skip
+    assert convert.main(args) == 0
+    model = convert.TASK_CLASSES["captioning"].from_pretrained(folder).eval()
+    max_length, mask = int(metadata["max_length"]), int(metadata["mask_token_id"])
+    generated = model.generate(
+        tensors["beams/pixel_values"], num_beams=num_beams, max_length=max_length, length_penalty=0.6
+    )
+    expected = tensors[f"beams/{ending}/num_beams_{num_beams}"]
+    # The original keeps the `<mask>` placeholder of the step that ended a caption in front of `</s>`; we return
+    # `<s> tokens </s>` and padding.
+    pad = model.config.pad_token_id
+    for ours, theirs in zip(generated.tolist(), expected.tolist()):
+        theirs = [token for token in theirs if token != mask]
+        assert ours == theirs[: len(ours)] and set(theirs[len(ours) :]) <= {pad}
+    lengths = (generated != pad).sum(1)
+    if ending == "short":
+        assert lengths.min() < max_length - 1, "the fixture must hold captions that end at </s>"
+    else:
+        assert lengths.max() == max_length - 1, "the fixture must hold captions cut at max_length"
+
+
+def test_tokenizer_ids_equal_the_original(tmp_path):
+    fixture = json.loads((GOLDEN / "tokenizer_ids.json").read_text(encoding="utf-8"))
+    tokenizer = load_sentencepiece_tokenizer(GOLDEN / "tokenizer.spm")
+    tokenizer.save_pretrained(tmp_path)
+    kwargs = dict(padding="max_length", truncation=True, max_length=fixture["max_length"])
+    for loaded in (tokenizer, AutoTokenizer.from_pretrained(tmp_path)):
+        encoded = loaded(fixture["texts"], **kwargs)
+        assert encoded["input_ids"] == fixture["input_ids"]
+        assert encoded["attention_mask"] == fixture["attention_mask"]
+        assert loaded.mask_token_id == fixture["mask_token_id"]

@@ -29,6 +29,12 @@ from .models.beit3.modeling_beit3 import (
     Beit3PreTrainedModel,
 )
 from .models.beit3.processing_beit3 import Beit3Processor
+from .models.dall_e import register as _register_dall_e
+from .models.dall_e.configuration_dall_e import DallEConfig
+from .models.dall_e.modeling_dall_e import DallEEncoderModel
+from .models.vqkd import register as _register_vqkd
+from .models.vqkd.configuration_vqkd import VqkdConfig
+from .models.vqkd.modeling_vqkd import VqkdModel
 
 __version__ = "0.1.0.dev0"
 
@@ -68,6 +74,8 @@ def _register() -> None:
 
 
 _register()
+_register_vqkd()
+_register_dall_e()
 
 __all__ = [
     "BEIT3_PRESETS",
@@ -82,4 +90,8 @@ __all__ = [
     "Beit3Model",
     "Beit3PreTrainedModel",
     "Beit3Processor",
+    "DallEConfig",
+    "DallEEncoderModel",
+    "VqkdConfig",
+    "VqkdModel",
 ]

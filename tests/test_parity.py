@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from beit3_hf.conversion import checkpoint as convert
 from beit3_hf.conversion import original
+from beit3_hf.conversion.tasks import TASKS as TASK_TABLE
 
 from oracle_utils import (
     PARITY_TOLERANCE,
@@ -28,16 +29,9 @@ from oracle_utils import (
 
 pytestmark = pytest.mark.oracle("beit3")
 
-TASKS = ("backbone", "image-classification", "retrieval", "vqa", "nlvr2", "captioning")
+TASKS = tuple(TASK_TABLE)
 TOLERANCE = PARITY_TOLERANCE
-EXPECTED_CLASS = {
-    "backbone": "Beit3Model",
-    "image-classification": "Beit3ForImageClassification",
-    "retrieval": "Beit3ForImageTextRetrieval",
-    "vqa": "Beit3ForVisualQuestionAnswering",
-    "nlvr2": "Beit3ForVisualReasoning",
-    "captioning": "Beit3ForCaptioning",
-}
+EXPECTED_CLASS = {name: spec.model_class.__name__ for name, spec in TASK_TABLE.items()}
 MASK_TOKEN_ID = 119  # the last id of the tiny vocabulary plays `<mask>` for captioning
 
 

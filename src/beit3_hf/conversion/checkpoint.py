@@ -14,130 +14,18 @@ import argparse
 import math
 import re
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..models.beit3.configuration_beit3 import Beit3Config
-from ..models.beit3.modeling_beit3 import (
-    Beit3ForCaptioning,
-    Beit3ForImageClassification,
-    Beit3ForImageTextRetrieval,
-    Beit3ForVisualQuestionAnswering,
-    Beit3ForVisualReasoning,
-    Beit3Model,
-    Beit3PreTrainedModel,
-    resize_patch_position_embeddings,
-)
-from .tokenizer import DEFAULT_MAX_LENGTH, load_sentencepiece_tokenizer, processor_for_task
+from ..models.beit3.modeling_beit3 import Beit3Model, Beit3PreTrainedModel, resize_patch_position_embeddings
+from .tasks import BACKBONE_RULES, FAIRSEQ_POSITION_OFFSET, LAYER_PATTERN, TASKS
+from .tokenizer import load_sentencepiece_tokenizer, processor_for_task
 
-TASK_CLASSES: dict[str, type[Beit3PreTrainedModel]] = {
-    "backbone": Beit3Model,
-    "image-classification": Beit3ForImageClassification,
-    "retrieval": Beit3ForImageTextRetrieval,
-    "vqa": Beit3ForVisualQuestionAnswering,
-    "nlvr2": Beit3ForVisualReasoning,
-    "captioning": Beit3ForCaptioning,
-}
-
-# The original position tables start with two rows that are never read: torchscale follows fairseq, whose positions
-# start at 2. They are dropped here, once, so that our models index positions from 0.
-FAIRSEQ_POSITION_OFFSET = 2
-
-
-def _drop_fairseq_rows(table: torch.Tensor) -> torch.Tensor:
-    return table[FAIRSEQ_POSITION_OFFSET:]
-
-
-# Expert letters of torchscale's MultiwayNetwork: A is the vision expert, B the text expert.
-_EXPERT = {"A": "vision", "B": "text"}
-_LAYER = r"beit3\.encoder\.layers\.(\d+)\."
-
-
-@dataclass(frozen=True)
-class KeyRule:
-    """One row of the mapping table: an original key pattern, our key template, and an optional tensor transform."""
-
-    pattern: str
-    target: str
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-    def apply(self, key: str) -> str | None:
-        match = re.fullmatch(self.pattern, key)
-        if match is None:
-            return None
-        groups = {f"g{i}": _EXPERT.get(value, value) for i, value in enumerate(match.groups(), start=1)}
-        return self.target.format(**groups)
-
-
-#: Backbone keys, shared by every task. `{gN}` is the N-th group of the pattern, with A/B read as vision/text.
-BACKBONE_RULES: tuple[KeyRule, ...] = (
-    KeyRule(r"beit3\.text_embed\.weight", "beit3.text_embeddings.token_embedding.weight"),
-    KeyRule(r"beit3\.vision_embed\.proj\.(weight|bias)", "beit3.vision_embeddings.patch_embedding.{g1}"),
-    KeyRule(r"beit3\.vision_embed\.cls_token", "beit3.vision_embeddings.cls_token"),
-    KeyRule(r"beit3\.vision_embed\.mask_token", "beit3.vision_embeddings.mask_token"),
-    KeyRule(
-        r"beit3\.encoder\.embed_positions\.A\.weight",
-        "beit3.vision_embeddings.position_embedding.weight",
-        _drop_fairseq_rows,
-    ),
-    KeyRule(
-        r"beit3\.encoder\.embed_positions\.B\.weight",
-        "beit3.text_embeddings.position_embedding.weight",
-        _drop_fairseq_rows,
-    ),
-    KeyRule(_LAYER + r"self_attn\.(q|k|v|out)_proj\.(A|B)\.(weight|bias)", "beit3.encoder.layers.{g1}.self_attn.{g2}_proj.{g3}.{g4}"),
-    KeyRule(_LAYER + r"self_attn\.inner_attn_ln\.(A|B)\.(weight|bias)", "beit3.encoder.layers.{g1}.self_attn.sub_layernorm.{g2}.{g3}"),
-    KeyRule(_LAYER + r"self_attn_layer_norm\.(A|B)\.(weight|bias)", "beit3.encoder.layers.{g1}.layernorm_before.{g2}.{g3}"),
-    KeyRule(_LAYER + r"final_layer_norm\.(A|B)\.(weight|bias)", "beit3.encoder.layers.{g1}.layernorm_after.{g2}.{g3}"),
-    KeyRule(_LAYER + r"ffn\.(A|B)\.(fc1|fc2)\.(weight|bias)", "beit3.encoder.layers.{g1}.ffn.{g2}.{g3}.{g4}"),
-    KeyRule(_LAYER + r"ffn\.(A|B)\.ffn_layernorm\.(weight|bias)", "beit3.encoder.layers.{g1}.ffn.{g2}.sub_layernorm.{g3}"),
-    KeyRule(r"beit3\.encoder\.layer_norm\.(A|B)\.(weight|bias)", "beit3.encoder.layernorm.{g1}.{g2}"),
-)  # fmt: skip
-
-#: Head keys of each task (unilm `beit3/modeling_finetune.py`).
-HEAD_RULES: dict[str, tuple[KeyRule, ...]] = {
-    "backbone": (),
-    "image-classification": (
-        KeyRule(r"fc_norm\.(weight|bias)", "fc_norm.{g1}"),
-        KeyRule(r"head\.(weight|bias)", "classifier.{g1}"),
-    ),
-    "retrieval": (
-        KeyRule(r"logit_scale", "logit_scale"),
-        KeyRule(r"vision_head\.weight", "vision_projection.weight"),
-        KeyRule(r"language_head\.weight", "text_projection.weight"),
-    ),
-    "vqa": (
-        KeyRule(r"pooler\.norm\.(weight|bias)", "pooler.layernorm.{g1}"),
-        KeyRule(r"pooler\.dense\.(weight|bias)", "pooler.dense.{g1}"),
-        KeyRule(r"head\.0\.(weight|bias)", "classifier.dense.{g1}"),  # head = Linear, LayerNorm, GELU, Linear
-        KeyRule(r"head\.1\.(weight|bias)", "classifier.layernorm.{g1}"),
-        KeyRule(r"head\.3\.(weight|bias)", "classifier.out_proj.{g1}"),
-    ),
-    "nlvr2": (
-        KeyRule(r"head\.norm1\.(weight|bias)", "classifier.input_layernorm.{g1}"),
-        KeyRule(r"head\.dense1\.(weight|bias)", "classifier.dense.{g1}"),
-        KeyRule(r"head\.norm2\.(weight|bias)", "classifier.layernorm.{g1}"),
-        KeyRule(r"head\.dense2\.(weight|bias)", "classifier.out_proj.{g1}"),
-    ),
-    "captioning": (KeyRule(r"mlm_head\.(weight|bias)", "lm_head.{g1}"),),
-}
-
-# Keys that pretrained (not fine-tuned) checkpoints carry besides the backbone: the pretraining heads and, in the
-# `*_itc_*` checkpoints, the contrastive heads. The names of the pretraining heads are inferred (no pretraining code
-# was released); `--task backbone` drops and lists these, and any other unknown key stays an error.
-PRETRAINING_ONLY_KEYS = re.compile(r"(mlm_head|mim_head|vision_head|language_head)\.(weight|bias)|logit_scale")
-
-# Head keys that identify the task a checkpoint was fine-tuned for; used to explain a --task mismatch.
-_TASK_SIGNATURES = {
-    "image-classification": "fc_norm.weight",
-    "retrieval": "logit_scale",
-    "vqa": "pooler.dense.weight",
-    "nlvr2": "head.dense1.weight",
-    "captioning": "mlm_head.weight",
-}
+#: `--task` name -> model class (read from the task table).
+TASK_CLASSES: dict[str, type[Beit3PreTrainedModel]] = {name: spec.model_class for name, spec in TASKS.items()}
 
 
 class ConversionError(ValueError):
@@ -172,9 +60,14 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def detect_task(state_dict: dict[str, torch.Tensor]) -> str:
     """The task whose head keys the checkpoint carries ("backbone" when it has none)."""
-    for task, key in _TASK_SIGNATURES.items():
-        if key in state_dict and not (task == "retrieval" and "mlm_head.weight" in state_dict):
-            return task
+    for spec in TASKS.values():
+        key = spec.signature_key
+        if (
+            key is not None
+            and key in state_dict
+            and not (spec.name == "retrieval" and "mlm_head.weight" in state_dict)
+        ):
+            return spec.name
     return "backbone"
 
 
@@ -190,21 +83,17 @@ def infer_config(
 ) -> Beit3Config:
     """The architecture of the checkpoint, read from its tensors (and the tokenizer's `<mask>` id for captioning)."""
     hidden_size = state_dict["beit3.text_embed.weight"].shape[1]
-    layer_ids = {int(m.group(1)) for key in state_dict if (m := re.match(_LAYER, key))}
+    layer_ids = {int(m.group(1)) for key in state_dict if (m := re.match(LAYER_PATTERN, key))}
     patch_weight = state_dict["beit3.vision_embed.proj.weight"]  # (hidden, channels, patch, patch)
     num_positions = state_dict["beit3.encoder.embed_positions.A.weight"].shape[0] - FAIRSEQ_POSITION_OFFSET - 1
     grid = math.isqrt(num_positions)
     if grid * grid != num_positions:
         raise ConversionError(f"The vision position table has {num_positions} patch rows, not a square grid.")
     heads = num_attention_heads or max(hidden_size // 64, 1)
-    labels = {
-        "image-classification": "head.weight",
-        "vqa": "head.3.weight",
-        "nlvr2": "head.dense2.weight",
-    }
     kwargs = {}
-    if task in labels and labels[task] in state_dict:
-        kwargs["num_labels"] = state_dict[labels[task]].shape[0]
+    labels_key = TASKS[task].num_labels_key
+    if labels_key is not None and labels_key in state_dict:
+        kwargs["num_labels"] = state_dict[labels_key].shape[0]
     vocab_size = state_dict["beit3.text_embed.weight"].shape[0]
     if mask_token_id is None and task == "captioning":
         if vocab_size != RELEASED_VOCAB_SIZE:
@@ -239,7 +128,9 @@ def convert_state_dict(
     Raises `ConversionError` listing every key that no rule of `task` consumes (except the pretraining-only keys
     when converting a backbone, and keys matching the `ignore_unused` regex).
     """
-    rules = BACKBONE_RULES + HEAD_RULES[task]
+    spec = TASKS[task]
+    rules = BACKBONE_RULES + spec.head_rules
+    droppable = "|".join(f"(?:{regex})" for regex in (spec.dropped_keys, ignore_unused) if regex)
     converted, unused, dropped = {}, [], []
     for key, tensor in state_dict.items():
         for rule in rules:
@@ -248,17 +139,14 @@ def convert_state_dict(
                 converted[target] = rule.transform(tensor) if rule.transform else tensor
                 break
         else:
-            pretraining_only = task == "backbone" and PRETRAINING_ONLY_KEYS.fullmatch(key)
-            (dropped if pretraining_only or (ignore_unused and re.fullmatch(ignore_unused, key)) else unused).append(
-                key
-            )
+            (dropped if droppable and re.fullmatch(droppable, key) else unused).append(key)
     if unused:
         found = detect_task(state_dict)
         hint = f" The checkpoint looks like a {found!r} checkpoint." if found != task else ""
         raise ConversionError(
             f"{len(unused)} checkpoint keys are not used by --task {task}: {_abbreviate(unused)}.{hint}"
         )
-    if task == "backbone":
+    if spec.model_class is Beit3Model:  # the bare model has no `beit3.` prefix of its own
         converted = {key.removeprefix("beit3."): value for key, value in converted.items()}
     return converted, dropped
 
@@ -322,7 +210,8 @@ def model_from_state_dict(
     config = infer_config(state_dict, task, num_attention_heads, mask_token_id)
     converted, dropped = convert_state_dict(state_dict, task, ignore_unused)
     if image_size is not None and image_size != config.image_size:
-        resize_vision_positions(converted, "" if task == "backbone" else "beit3.", config, image_size)
+        prefix = "" if TASKS[task].model_class is Beit3Model else "beit3."
+        resize_vision_positions(converted, prefix, config, image_size)
     model = TASK_CLASSES[task](config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(converted))
@@ -420,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.sentencepiece is not None:
             # Read the tokenizer first: a bad --sentencepiece fails before the (large) checkpoint is loaded.
-            max_length = 32 if args.task == "captioning" else DEFAULT_MAX_LENGTH  # the original recipes' lengths
+            max_length = TASKS[args.task].max_text_length
             tokenizer = load_sentencepiece_tokenizer(args.sentencepiece, max_length=max_length)
             if args.mask_token_id is None:
                 args.mask_token_id = tokenizer.mask_token_id

@@ -18,8 +18,6 @@ from torch import nn
 
 from ..models.beit3.configuration_beit3 import Beit3Config
 
-TASKS = ("backbone", "image-classification", "retrieval", "vqa", "nlvr2", "captioning")
-
 
 def is_available() -> bool:
     try:
@@ -72,22 +70,15 @@ class _OriginalBackbone(nn.Module):
 
 def build_original_model(task: str, config: Beit3Config) -> nn.Module:
     """An original (unilm) model for `task` with the architecture of `config`, in eval mode."""
+    from .tasks import get_task
+
+    spec = get_task(task)
     modeling_finetune, _ = import_original()
     args = encoder_config(config)
-    if task == "backbone":
-        model = _OriginalBackbone(args)
-    elif task == "image-classification":
-        model = modeling_finetune.BEiT3ForImageClassification(args, num_classes=config.num_labels)
-    elif task == "retrieval":
-        model = modeling_finetune.BEiT3ForRetrieval(args)
-    elif task == "vqa":
-        model = modeling_finetune.BEiT3ForVisualQuestionAnswering(args, num_classes=config.num_labels)
-    elif task == "nlvr2":
-        model = modeling_finetune.BEiT3ForVisualReasoning(args, num_classes=config.num_labels)
-    elif task == "captioning":
-        model = modeling_finetune.BEiT3ForCaptioning(args)
-    else:
-        raise ValueError(f"Unknown task {task!r}; choose one of {TASKS}.")
+    if spec.original_class is None:
+        return _OriginalBackbone(args).eval()
+    model_class = getattr(modeling_finetune, spec.original_class)
+    model = model_class(args, num_classes=config.num_labels) if spec.num_labels_key else model_class(args)
     return model.eval()
 
 
@@ -130,7 +121,7 @@ def run_original(
             padding_mask = torch.zeros_like(input_ids)
         logits, _ = model(image=pixel_values, text_ids=input_ids, padding_mask=padding_mask, language_masked_pos=None)
         return {"logits": logits}
-    raise ValueError(f"Unknown task {task!r}; choose one of {TASKS}.")
+    raise ValueError(f"The oracle adapter does not run task {task!r}.")
 
 
 def captioning_handler_class() -> type:

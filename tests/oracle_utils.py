@@ -13,10 +13,13 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from safetensors import safe_open
 
 from beit3_hf import Beit3Config
 
 TASK_LABELS = {"image-classification": 5, "vqa": 7, "nlvr2": 2}
+#: Golden fixtures made once from the original code by `scripts/make_golden_fixtures.py`.
+GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 PARITY_TOLERANCE = 1e-4
 #: Numeric parity comparisons executed in this session, by reference ("original", "golden fixtures", ...);
 #: `conftest.py` prints the count at the end of the run.
@@ -184,3 +187,26 @@ def accelerate_launch(script: Path, args: list[str], num_processes: int) -> list
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), str(script), *args, "--use_cpu",
     ]  # fmt: skip
+
+
+def read_fixture(task: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(GOLDEN / f"beit3_tiny_{task}.safetensors", framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()  # noqa: SIM118
+
+
+def group(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, dict[str, torch.Tensor]]:
+    """`{variant: {name: tensor}}` from the keys `prefix/variant/name`."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "/"):
+            variant, name = key[len(prefix) + 1 :].split("/", 1)
+            grouped.setdefault(variant, {})[name] = value
+    return grouped
+
+
+def original_checkpoint(tensors: dict[str, torch.Tensor], path: Path, overrides: dict | None = None) -> Path:
+    """Write the fixture's weights as an original unilm checkpoint (`{"model": state_dict}`)."""
+    weights = {key.removeprefix("weights/"): value for key, value in tensors.items() if key.startswith("weights/")}
+    weights.update(overrides or {})
+    torch.save({"model": weights}, path)
+    return path

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
@@ -21,35 +20,11 @@ from beit3_hf.conversion import checkpoint as convert
 from beit3_hf.conversion.tasks import TASKS as TASK_TABLE
 from beit3_hf.conversion.tokenizer import load_sentencepiece_tokenizer
 
-from oracle_utils import assert_parity, run_fresh_python
+from oracle_utils import GOLDEN, assert_parity, group, original_checkpoint, read_fixture, run_fresh_python
 
-GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 # The golden fixtures cover every task of the converter's table (a new row needs a fixture).
 TASKS = tuple(TASK_TABLE)
 REFERENCE = "golden fixtures"
-
-
-def read_fixture(task: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(GOLDEN / f"beit3_tiny_{task}.safetensors", framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()  # noqa: SIM118
-
-
-def group(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, dict[str, torch.Tensor]]:
-    """`{variant: {name: tensor}}` from the keys `prefix/variant/name`."""
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith(prefix + "/"):
-            variant, name = key[len(prefix) + 1 :].split("/", 1)
-            grouped.setdefault(variant, {})[name] = value
-    return grouped
-
-
-def original_checkpoint(tensors: dict[str, torch.Tensor], path: Path, overrides: dict | None = None) -> Path:
-    """Write the fixture's weights as an original unilm checkpoint (`{"model": state_dict}`)."""
-    weights = {key.removeprefix("weights/"): value for key, value in tensors.items() if key.startswith("weights/")}
-    weights.update(overrides or {})
-    torch.save({"model": weights}, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,12 @@ the code files, and loads with `AutoModel.from_pretrained(folder, trust_remote_c
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import torch
 
 from ..models.beit3.configuration_beit3 import Beit3Config
 from ..models.beit3.modeling_beit3 import Beit3Model, Beit3PreTrainedModel, resize_patch_position_embeddings
-from .tasks import BACKBONE_RULES, FAIRSEQ_POSITION_OFFSET, LAYER_PATTERN, TASKS
+from .tasks import BACKBONE_RULES, FAIRSEQ_POSITION_OFFSET, LAYER_PATTERN, TASKS, KeyRule
 from .tokenizer import load_sentencepiece_tokenizer, processor_for_task
 
 #: `--task` name -> model class (read from the task table).
@@ -71,6 +74,15 @@ def detect_task(state_dict: dict[str, torch.Tensor]) -> str:
     return "backbone"
 
 
+#: The tensors `infer_config` reads the architecture from.
+ARCHITECTURE_KEYS = (
+    "beit3.text_embed.weight",
+    "beit3.vision_embed.proj.weight",
+    "beit3.encoder.embed_positions.A.weight",
+    "beit3.encoder.embed_positions.B.weight",
+    "beit3.encoder.layers.0.ffn.A.fc1.weight",
+)
+
 # `<mask>` of `beit3.spm`, the tokenizer of every released checkpoint (vocabulary of 64010 embedding rows).
 RELEASED_VOCAB_SIZE, RELEASED_MASK_TOKEN_ID = 64010, 64001
 
@@ -82,6 +94,11 @@ def infer_config(
     mask_token_id: int | None = None,
 ) -> Beit3Config:
     """The architecture of the checkpoint, read from its tensors (and the tokenizer's `<mask>` id for captioning)."""
+    missing = [key for key in ARCHITECTURE_KEYS if key not in state_dict]
+    if missing:
+        raise ConversionError(
+            f"The checkpoint lacks {len(missing)} of the keys its architecture is read from: {', '.join(missing)}."
+        )
     hidden_size = state_dict["beit3.text_embed.weight"].shape[1]
     layer_ids = {int(m.group(1)) for key in state_dict if (m := re.match(LAYER_PATTERN, key))}
     patch_weight = state_dict["beit3.vision_embed.proj.weight"]  # (hidden, channels, patch, patch)
@@ -140,6 +157,7 @@ def convert_state_dict(
                 break
         else:
             (dropped if droppable and re.fullmatch(droppable, key) else unused).append(key)
+    check_tensors(converted, {target: key for key, target in _sources(state_dict, rules).items()})
     if unused:
         found = detect_task(state_dict)
         hint = f" The checkpoint looks like a {found!r} checkpoint." if found != task else ""
@@ -149,6 +167,32 @@ def convert_state_dict(
     if spec.model_class is Beit3Model:  # the bare model has no `beit3.` prefix of its own
         converted = {key.removeprefix("beit3."): value for key, value in converted.items()}
     return converted, dropped
+
+
+def _sources(state_dict: dict[str, torch.Tensor], rules: tuple[KeyRule, ...]) -> dict[str, str]:
+    """Original key -> our key, for the keys that a rule maps."""
+    mapping = {}
+    for key in state_dict:
+        target = next((target for rule in rules if (target := rule.apply(key)) is not None), None)
+        if target is not None:
+            mapping[key] = target
+    return mapping
+
+
+def check_tensors(converted: dict[str, torch.Tensor], original_names: dict[str, str]) -> None:
+    """Every weight must be a floating-point tensor with finite values; the error names the original keys.
+
+    An integer or boolean tensor where a weight belongs is a corrupt or foreign checkpoint (casting it would build a
+    model silently), and NaN / inf weights would make every output NaN, which `--verify` cannot compare.
+    """
+    not_float = sorted(
+        original_names.get(key, key) for key, value in converted.items() if not value.is_floating_point()
+    )
+    if not_float:
+        raise ConversionError(f"{len(not_float)} weights are not floating-point tensors: {_abbreviate(not_float)}.")
+    not_finite = sorted(original_names.get(key, key) for key, value in converted.items() if not value.isfinite().all())
+    if not_finite:
+        raise ConversionError(f"{len(not_finite)} weights hold NaN or inf values: {_abbreviate(not_finite)}.")
 
 
 def _abbreviate(keys: Sequence[str], limit: int = 12) -> str:
@@ -231,33 +275,59 @@ def model_from_state_dict(
 
 @torch.no_grad()
 def verify_against_original(
-    state_dict: dict[str, torch.Tensor],
-    task: str,
-    *,
-    num_attention_heads: int | None = None,
-    ignore_unused: str | None = None,
-    mask_token_id: int | None = None,
-    seed: int = 0,
+    ours: Beit3PreTrainedModel, state_dict: dict[str, torch.Tensor], task: str, seed: int = 0
 ) -> float:
-    """Max |diff| between the original implementation loaded with an original `state_dict` and our conversion of it
-    (float32). Both run on random images and a padded text batch at the checkpoint's own resolution.
+    """Max |diff| (float32) between our converted model and the original implementation loaded with the original
+    `state_dict`, on random images and a padded text batch at the checkpoint's own resolution; NaN when any output
+    is not finite.
+
+    The original is built from `ours.config`, so an assumption both share (the attention head count, which the
+    tensors do not reveal) cannot show up as a difference.
     """
     from . import original
 
-    ours, _ = model_from_state_dict(
-        state_dict,
-        task,
-        num_attention_heads=num_attention_heads,
-        ignore_unused=ignore_unused,
-        mask_token_id=mask_token_id,
-    )
     reference = original.build_original_model(task, ours.config)
     reference_keys = reference.state_dict().keys()
     reference.load_state_dict({k: v.float() for k, v in state_dict.items() if k in reference_keys}, strict=True)
     inputs = random_inputs(ours.config, task, batch_size=2, seed=seed)
     expected = original.run_original(reference, task, **inputs)
     actual = ours(**inputs)
-    return max((actual[name].float() - value.float()).abs().max().item() for name, value in expected.items())
+    diffs = torch.stack([(actual[name].float() - value.float()).abs().max() for name, value in expected.items()])
+    return float("nan") if not diffs.isfinite().all() else diffs.max().item()
+
+
+def resize_model(model: Beit3PreTrainedModel, image_size: int) -> Beit3PreTrainedModel:
+    """A copy of `model` for `image_size`, its vision position table resized as the original loader does."""
+    config = copy.deepcopy(model.config)
+    state_dict = model.state_dict()
+    resize_vision_positions(state_dict, "" if isinstance(model, Beit3Model) else "beit3.", config, image_size)
+    resized = type(model)(config)
+    resized.load_state_dict(state_dict, strict=True)
+    return resized.eval()
+
+
+def prepare_output(output: Path, overwrite: bool) -> Path:
+    """Check `output` before any work and return an empty staging folder beside it (so an unwritable location fails
+    at once, and a failed conversion never leaves a half-written or mixed folder behind)."""
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"--output {output} is an existing file, not a folder.")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ConversionError(
+            f"--output {output} is not empty; pass --overwrite to replace its contents (every file in it is removed, "
+            "so no stale processor or tokenizer file of an earlier conversion survives)."
+        )
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    except OSError as error:
+        raise ConversionError(f"--output {output} cannot be written: {error}") from error
+
+
+def publish(staging: Path, output: Path) -> None:
+    """Replace `output` by the finished `staging` folder."""
+    if output.is_dir():
+        shutil.rmtree(output)
+    staging.rename(output)
 
 
 def random_inputs(config: Beit3Config, task: str, batch_size: int = 2, text_len: int = 8, seed: int = 0) -> dict:
@@ -285,8 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="original .pth file (unilm BEiT-3)")
     parser.add_argument("--task", required=True, choices=sorted(TASK_CLASSES))
     parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--image-size", type=int, help="resize the vision position table to this image size")
-    parser.add_argument("--num-attention-heads", type=int, help="attention heads (default: hidden size / 64)")
+    parser.add_argument("--image-size", type=_positive_int, help="resize the vision position table to this image size")
+    parser.add_argument(
+        "--num-attention-heads",
+        type=_positive_int,
+        help="attention heads (default: hidden size / 64, as every released checkpoint; the tensors do not tell, "
+        "and --verify cannot detect a wrong count)",
+    )
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     parser.add_argument(
         "--ignore-unused", metavar="REGEX", help="drop checkpoint keys matching REGEX instead of failing"
@@ -300,63 +375,88 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask-token-id", type=int, help="the tokenizer's <mask> id (captioning; default from the tokenizer)"
     )
     parser.add_argument("--verify", action="store_true", help="compare outputs with the original implementation")
+    parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --output folder")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    processor = None
+    output = Path(args.output)
     try:
-        if args.sentencepiece is not None:
-            # Read the tokenizer first: a bad --sentencepiece fails before the (large) checkpoint is loaded.
-            max_length = TASKS[args.task].max_text_length
-            tokenizer = load_sentencepiece_tokenizer(args.sentencepiece, max_length=max_length)
-            if args.mask_token_id is None:
-                args.mask_token_id = tokenizer.mask_token_id
-        state_dict = load_original_state_dict(args.checkpoint)  # read once, for the conversion and --verify
-        model, dropped = model_from_state_dict(
-            state_dict,
-            args.task,
-            image_size=args.image_size,
-            num_attention_heads=args.num_attention_heads,
-            dtype=getattr(torch, args.dtype),
-            ignore_unused=args.ignore_unused,
-            mask_token_id=args.mask_token_id,
-        )
-        if args.sentencepiece is not None:
-            if len(tokenizer) > model.config.vocab_size:
-                raise ConversionError(
-                    f"The tokenizer {args.sentencepiece} has {len(tokenizer)} ids but the checkpoint's vocabulary has "
-                    f"only {model.config.vocab_size} rows: it is not this checkpoint's tokenizer."
-                )
-            processor = processor_for_task(
-                tokenizer, task=args.task, image_size=model.config.image_size, max_length=max_length
-            )
-        if dropped:
-            print(f"Dropped {len(dropped)} keys not used by --task {args.task}: {_abbreviate(dropped)}")
-        if args.verify:
-            max_diff = verify_against_original(
-                state_dict,
-                args.task,
-                num_attention_heads=args.num_attention_heads,
-                ignore_unused=args.ignore_unused,
-                mask_token_id=args.mask_token_id,
-            )
-            print(f"Max |diff| against the original implementation (float32): {max_diff:.3e}")
-            if max_diff > 1e-4:
-                raise ConversionError(f"Outputs differ from the original by {max_diff:.3e} (> 1e-4).")
+        staging = prepare_output(output, args.overwrite)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        model = convert_to(staging, args)
+        publish(staging, output)
     except (ConversionError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    model.save_pretrained(args.output)
-    if processor is not None:
-        processor.save_pretrained(args.output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     config = model.config
     print(
         f"Saved {type(model).__name__} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-        f"image {config.image_size}) to {args.output}"
+        f"{config.num_attention_heads} attention heads, image {config.image_size}) to {output}"
     )
     return 0
+
+
+def convert_to(folder: Path, args: argparse.Namespace) -> Beit3PreTrainedModel:
+    """Run the conversion that `args` asks for and save the result (model, and processor if asked) in `folder`."""
+    spec = TASKS[args.task]
+    tokenizer = None
+    if args.sentencepiece is not None:
+        # Read the tokenizer first: a bad --sentencepiece fails before the (large) checkpoint is loaded.
+        tokenizer = load_sentencepiece_tokenizer(args.sentencepiece, max_length=spec.max_text_length)
+        if args.mask_token_id is None:
+            args.mask_token_id = tokenizer.mask_token_id
+    state_dict = load_original_state_dict(args.checkpoint)  # read once, for the conversion and --verify
+    # Converted in float32 at the checkpoint's own resolution first, so that --verify compares exactly what the
+    # original computes; resizing and the output dtype come after.
+    model, dropped = model_from_state_dict(
+        state_dict,
+        args.task,
+        num_attention_heads=args.num_attention_heads,
+        ignore_unused=args.ignore_unused,
+        mask_token_id=args.mask_token_id,
+    )
+    if dropped:
+        print(f"Dropped {len(dropped)} keys not used by --task {args.task}: {_abbreviate(dropped)}")
+    if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
+        raise ConversionError(
+            f"The tokenizer {args.sentencepiece} has {len(tokenizer)} ids but the checkpoint's vocabulary has "
+            f"only {model.config.vocab_size} rows: it is not this checkpoint's tokenizer."
+        )
+    if args.verify:
+        max_diff = verify_against_original(model, state_dict, args.task)
+        print(
+            f"Max |diff| against the original implementation (float32, {model.config.num_attention_heads} "
+            f"attention heads assumed): {max_diff:.3e}"
+        )
+        if not max_diff <= 1e-4:  # also catches NaN, for which `nan > 1e-4` is False
+            raise ConversionError(f"Outputs differ from the original by {max_diff:.3e} (> 1e-4).")
+    if args.image_size is not None and args.image_size != model.config.image_size:
+        model = resize_model(model, args.image_size)
+    model = model.to(getattr(torch, args.dtype))
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        processor = processor_for_task(
+            tokenizer, task=args.task, image_size=model.config.image_size, max_length=spec.max_text_length
+        )
+        processor.save_pretrained(folder)
+    return model
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import beit3_hf.evaluation.retrieval
 import beit3_hf.models.beit3.configuration_beit3
 import beit3_hf.models.beit3.modeling_beit3
 import beit3_hf.testing.synthetic_data
+import beit3_hf.training.lora
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -25,6 +26,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
         beit3_hf.data.loaders,
         beit3_hf.evaluation.retrieval,
         beit3_hf.testing.synthetic_data,
+        beit3_hf.training.lora,
     ],
 )
 def test_docstring_examples(module):

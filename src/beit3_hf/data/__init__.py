@@ -1,5 +1,8 @@
 """Data loaders for the example scripts: image-text pairs, captions and ImageNet-style folders.
 
+Masked-image-modelling data (two views, block masks, image folders and webdataset shards) is in
+`beit3_hf.data.pretraining`, imported on its own (it needs torchvision and the `train` extra).
+
 Library code (installed, never shipped in a checkpoint folder). Every loader names the file and line of bad input.
 """
 

@@ -3,6 +3,7 @@
 Library code (installed, never shipped in a checkpoint folder): the model files never import this package.
 """
 
+from .masking import BEIT_MASK_RATIO, BlockMaskingGenerator
 from .trainer import (
     Beit3Trainer,
     gather_with_grad,
@@ -13,7 +14,9 @@ from .trainer import (
 )
 
 __all__ = [
+    "BEIT_MASK_RATIO",
     "Beit3Trainer",
+    "BlockMaskingGenerator",
     "gather_with_grad",
     "global_contrastive_loss",
     "layer_decay_parameter_groups",

@@ -1,4 +1,5 @@
-"""Loaders: Karpathy split files (Flickr30k and COCO layouts), caption JSON/JSONL, torch datasets, imagefolder."""
+"""Loaders: Karpathy split files (Flickr30k and COCO layouts), caption JSON/JSONL, the `datasets` pairs and images,
+imagefolder, and image decoding that names the file (checks up front, skipping during training)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,17 @@ from PIL import Image
 
 from beit3_hf.data import (
     ImageFolderData,
+    ImageRowDecoder,
     RetrievalEvalIndex,
-    RetrievalPairDataset,
     RetrievalRecord,
+    UndecodableImageError,
+    check_images,
     load_caption_jsonl,
     load_imagefolder,
     load_karpathy_split,
+    open_image,
+    retrieval_pair_dataset,
+    transform_with_skipping,
 )
 from beit3_hf.testing.synthetic_data import write_synthetic_dataset
 
@@ -286,24 +292,24 @@ def test_caption_jsonl_missing_images_and_empty_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# torch datasets
+# Hugging Face datasets
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_pair_dataset_one_item_per_caption(synthetic):
+def test_pair_dataset_one_row_per_caption(synthetic):
     records = load_karpathy_split(synthetic.karpathy_json, synthetic.image_root, "val")
-    dataset = RetrievalPairDataset(records)
-    assert len(dataset) == 9
-    item = dataset[4]
-    assert isinstance(item["image"], Image.Image) and item["image"].mode == "RGB" and item["image"].size == (32, 32)
-    assert item["caption"] == records[1].captions[1] and item["image_id"] == 1
+    pairs = retrieval_pair_dataset(records)
+    assert pairs.num_rows == 9 and pairs.column_names == ["image", "caption", "image_id"]
+    assert pairs[4] == {"image": records[1].image_path, "caption": records[1].captions[1], "image_id": 1}
 
-    def transform(x):
-        return {"n": len(x["caption"]), "image_id": torch.tensor(x["image_id"])}
+    def transform(batch):
+        return {"n": [len(c) for c in batch["caption"]], "image_id": batch["image_id"]}
 
-    loader = torch.utils.data.DataLoader(RetrievalPairDataset(records, transform=transform), batch_size=4)
+    loader = torch.utils.data.DataLoader(pairs.with_transform(transform), batch_size=4)
     batch = next(iter(loader))
     assert batch["image_id"].tolist() == [0, 0, 0, 1]
+    with pytest.raises(ValueError, match="no records"):
+        retrieval_pair_dataset([])
 
 
 def test_eval_index_encodes_each_image_and_caption_once(synthetic):
@@ -313,7 +319,8 @@ def test_eval_index_encodes_each_image_and_caption_once(synthetic):
     assert index.text_to_image.tolist() == [i for i in range(4) for _ in range(3)]
     assert index.captions == [c for r in records for c in r.captions]
     images = index.image_dataset()
-    assert len(images) == 4 and images[2]["index"] == 2 and images[2]["image"].size == (32, 32)
+    assert len(images) == 4 and images[2] == {"image": records[2].image_path, "index": 2}
+    assert open_image(images[2]["image"]).size == (32, 32)
 
 
 def test_eval_index_merges_duplicate_images():
@@ -389,3 +396,79 @@ def test_imagefolder_other_layout_errors(tmp_path):
     (root / "train").mkdir()
     with pytest.raises(ValueError, match=re.escape(str(root / "train")) + ": no class folders"):
         load_imagefolder(root)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images: decoding errors name the file; up-front checks; skipping during training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def truncated_jpeg(path: Path) -> Path:
+    """A JPEG cut in half: Pillow opens it, then fails to decode with "image file is truncated"."""
+    Image.radial_gradient("L").convert("RGB").save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_open_image_names_the_file_of_truncated_and_broken_images(tmp_path):
+    truncated = truncated_jpeg(tmp_path / "truncated.jpg")
+    with pytest.raises(UndecodableImageError, match=re.escape(str(truncated)) + r": cannot decode .*truncated"):
+        open_image(truncated)
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not an image")
+    with pytest.raises(UndecodableImageError, match=re.escape(str(garbage)) + ": cannot decode"):
+        open_image(garbage)
+    with pytest.raises(UndecodableImageError, match=r"gone\.png: no such file"):
+        open_image(tmp_path / "gone.png")
+    # datasets.Image(decode=False) rows: by path or by bytes.
+    good = write_image(tmp_path / "good.png")
+    assert open_image({"path": str(good), "bytes": None}).mode == "RGB"
+    assert open_image({"path": "in-memory.png", "bytes": good.read_bytes()}).size == (8, 8)
+    with pytest.raises(UndecodableImageError, match=r"in-memory\.jpg: cannot decode"):
+        open_image({"path": "in-memory.jpg", "bytes": truncated.read_bytes()})
+
+
+def test_check_images_lists_every_undecodable_file(tmp_path):
+    good = [write_image(tmp_path / f"ok_{i}.png") for i in range(3)]
+    bad = [truncated_jpeg(tmp_path / f"bad_{i}.jpg") for i in range(7)]
+    check_images(good, source="three good ones")
+    with pytest.raises(UndecodableImageError, match=r"the set: 7 of 10 images cannot be decoded") as info:
+        check_images(good + bad, source="the set", num_threads=2)
+    assert all(str(path) in str(info.value) for path in bad[:5]) and "and 2 more" in str(info.value)
+
+
+def test_row_decoder_replaces_and_records_undecodable_training_images(tmp_path):
+    import datasets
+
+    good = [write_image(tmp_path / f"ok_{i}.png") for i in range(4)]
+    bad = truncated_jpeg(tmp_path / "bad.jpg")
+    rows = datasets.Dataset.from_dict(
+        {"image": [str(p) for p in [good[0], bad, good[1], good[2], good[3]]], "label": [0, 1, 2, 3, 4]}
+    )
+
+    def build(batch, images):
+        return {"size": [image.size for image in images], "label": batch["label"]}
+
+    decoder = ImageRowDecoder(rows, "image")
+    transformed = rows.with_transform(transform_with_skipping(decoder, build))
+    item = transformed[1]  # the broken row: replaced by another row, image and label together
+    assert item["size"] == (8, 8) and item["label"] != 1
+    [record] = item["skipped_images"]
+    assert (
+        record["file"] == str(bad)
+        and record["error"].startswith(f"{bad}: cannot decode")
+        and "truncated" in record["error"]
+    )
+    assert transformed[1]["label"] == item["label"]  # the replacement is deterministic
+    batch = transformed[0:3]
+    assert batch["label"][0] == 0 and batch["label"][2] == 2 and batch["skipped_images"][0][0]["file"] == str(bad)
+    assert transformed[0]["skipped_images"] == []
+    # Evaluation (skip=False): the broken image stops, naming the file.
+    with pytest.raises(UndecodableImageError, match=re.escape(str(bad))):
+        ImageRowDecoder(rows, "image", skip=False)({"image": [str(bad)], "label": [1]})
+    # Nothing decodes: stop after a few draws instead of looping, naming the files.
+    others = [truncated_jpeg(tmp_path / f"bad_{i}.jpg") for i in range(3)]
+    broken = datasets.Dataset.from_dict({"image": [str(p) for p in [bad, *others]], "label": [0, 1, 2, 3]})
+    with pytest.raises(UndecodableImageError, match=rf"4 replacement draws found no decodable image; .*{bad}"):
+        ImageRowDecoder(broken, "image", max_attempts=4)({"image": [str(bad)], "label": [0]})

@@ -21,7 +21,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from transformers import AutoImageProcessor, AutoModelForImageClassification, EvalPrediction
 
 from beit3_hf import Beit3Config, Beit3ForImageClassification, Beit3ImageProcessor
-from beit3_hf.data import load_imagefolder
+from beit3_hf.data import UndecodableImageError, load_imagefolder
 from beit3_hf.testing.synthetic_data import write_synthetic_dataset
 
 from oracle_utils import accelerate_launch, load_example_script
@@ -115,13 +115,21 @@ def read_results(output_dir: Path) -> dict:
 def test_single_process_run_saves_a_reloadable_classifier(script, imagenet, tmp_path):
     output_dir, cache_dir = tmp_path / "out", tmp_path / "cache"
     # 11 images in batches of 4: the last batch has 3, an odd size under mixup.
+    # --do_predict on the validation folder (class folders: labelled) must agree with --do_eval.
     returned = script.main(
-        script_args(imagenet, output_dir, cache_dir, "--num_train_epochs", "1", "--max_train_samples", "11")
-    )
+        script_args(imagenet, output_dir, cache_dir, "--num_train_epochs", "1", "--max_train_samples", "11",
+                    "--do_predict", "--test_dir", str(imagenet / "val"))
+    )  # fmt: skip
 
     results = read_results(output_dir)
     assert returned["eval_top1"] == results["eval_top1"]
     assert results["train_samples"] == 11 and results["eval_samples"] == NUM_CLASSES
+    assert results["train_skipped_images"] == 0 and not (output_dir / "skipped_images.json").exists()
+    assert (results["test_top1"], results["test_top5"]) == (results["eval_top1"], results["eval_top5"])
+    predictions = [json.loads(line) for line in (output_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == NUM_CLASSES and all(len(p["top5"]) == 5 for p in predictions)
+    assert sum(p["prediction"] == p["label"] for p in predictions) == round(results["test_top1"] * NUM_CLASSES)
+    assert "| eval_top1 |" in (output_dir / "README.md").read_text()
     assert np.isfinite(results["train_loss"])
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 3
@@ -152,8 +160,38 @@ def test_single_process_run_saves_a_reloadable_classifier(script, imagenet, tmp_
         "--per_device_eval_batch_size", "5",
         "--dataloader_pin_memory", "False",
     ]  # fmt: skip
-    again = script.main(eval_only)
+    flat = tmp_path / "flat"  # unlabelled images to classify: predictions only
+    flat.mkdir()
+    for i, path in enumerate(sorted((imagenet / "val").rglob("*.JPEG"))[:3]):
+        shutil.copy(path, flat / f"{i}.JPEG")
+    again = script.main([*eval_only, "--do_predict", "--test_dir", str(flat)])
     assert again["eval_top1"] == pytest.approx(top1) and again["eval_top5"] == pytest.approx(top5)
+    assert "test_top1" not in again and again["test_samples"] == 3
+    lines = [json.loads(line) for line in (tmp_path / "eval-only" / "predictions.jsonl").read_text().splitlines()]
+    assert [Path(line["file"]).name for line in lines] == ["0.JPEG", "1.JPEG", "2.JPEG"]
+    assert all(line["prediction"] in class_names and "label" not in line for line in lines)
+
+
+def test_undecodable_images_skipped_in_training_and_named_in_evaluation(script, imagenet, tmp_path):
+    """A broken training image is replaced and reported; a broken validation image stops the evaluation, naming
+    it, after the model folder was saved complete."""
+    data, output_dir = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(imagenet, data)
+    bad_train = sorted((data / "train").rglob("*.JPEG"))[4]
+    bad_train.write_bytes(b"not an image")
+    bad_val = sorted((data / "val").rglob("*.JPEG"))[1]
+    bad_val.write_bytes(bad_val.read_bytes()[:200])  # truncated
+    with pytest.raises(UndecodableImageError, match=rf"{bad_val}: cannot decode the image"):
+        script.main(script_args(data, output_dir, tmp_path / "cache", "--num_train_epochs", "1"))
+    for name in ("config.json", "model.safetensors", "modeling_beit3.py", "configuration_beit3.py",
+                 "preprocessor_config.json", "README.md", "train_results.json"):  # fmt: skip
+        assert (output_dir / name).is_file(), name
+    report = json.loads((output_dir / "skipped_images.json").read_text())
+    assert report["files"] == [str(bad_train)] and report["count"] >= 1
+    assert json.loads((output_dir / "train_results.json").read_text())["train_skipped_images"] == report["count"]
+    # --check_images finds both before any model is built.
+    with pytest.raises(UndecodableImageError, match=rf"(?s)1 of 18 images cannot be decoded.*{bad_train}"):
+        script.main(script_args(data, tmp_path / "checked", tmp_path / "cache", "--check_images", "True"))
 
 
 def test_two_cpu_processes_with_accelerate_launch(imagenet, tmp_path):

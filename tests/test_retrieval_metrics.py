@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import types
 
 import pytest
 import torch
@@ -251,3 +252,70 @@ def test_every_permutation_of_a_small_case():
         sim = torch.tensor([row, [0.3, 0.3, 0.3], [0.4, 0.2, 0.6]])
         t2i = torch.tensor([0, 1, 2])
         assert_same(retrieval_recall(sim, t2i, ks=(1, 2)), brute_force_recall(sim.tolist(), t2i.tolist(), ks=(1, 2)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate_retrieval: a model and its processor over an evaluation index
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CountingProcessor:
+    """Images -> their mean colour as a 3-d feature; texts -> a one-hot of their first character's digit."""
+
+    def __init__(self) -> None:
+        self.images_seen = self.texts_seen = 0
+
+    def __call__(self, images=None, text=None, return_tensors="pt"):
+        if images is not None:
+            self.images_seen += len(images)
+            pixels = torch.stack([torch.tensor(image.getpixel((0, 0)), dtype=torch.float32) for image in images])
+            return {"pixel_values": pixels}
+        self.texts_seen += len(text)
+        ids = torch.tensor([int(caption[0]) for caption in text])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+class EmbeddingModel(torch.nn.Module):
+    """Image i (colour (i, 0, 0) ...) and caption "i ..." embed to one-hot i; `wrap` returns output objects."""
+
+    def __init__(self, wrap: bool) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.wrap = wrap
+
+    def _out(self, embeds):
+        return types.SimpleNamespace(pooler_output=embeds) if self.wrap else embeds
+
+    def get_image_features(self, pixel_values):
+        return self._out(torch.nn.functional.one_hot(pixel_values[:, 0].long(), 4).float())
+
+    def get_text_features(self, input_ids, attention_mask):
+        return self._out(torch.nn.functional.one_hot(input_ids, 4).float())
+
+
+def test_evaluate_retrieval_encodes_each_item_once_and_accepts_both_output_styles(tmp_path):
+    from PIL import Image
+
+    from beit3_hf.data import RetrievalEvalIndex, RetrievalRecord, UndecodableImageError
+    from beit3_hf.evaluation.retrieval import evaluate_retrieval
+
+    records = []
+    for i in range(3):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(path)
+        wrong = (i + 1) % 3  # the second caption of each image points at the next image
+        records.append(RetrievalRecord(str(path), (f"{i} right", f"{wrong} wrong"), i))
+    index = RetrievalEvalIndex.from_records(records)
+    expected = retrieval_recall(
+        torch.nn.functional.one_hot(torch.arange(3), 4).float()
+        @ torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 2, 2, 0]), 4).float().T,
+        index.text_to_image,
+    )
+    for wrap in (False, True):
+        processor = CountingProcessor()
+        result = evaluate_retrieval(EmbeddingModel(wrap), processor, index, batch_size=2)
+        assert result == expected and (processor.images_seen, processor.texts_seen) == (3, 6)
+    assert result["ir_r1"] == 0.5 and result["tr_r1"] == 0.0  # every image ties a wrong caption: pessimistic
+    (tmp_path / "1.png").write_bytes(b"broken")
+    with pytest.raises(UndecodableImageError, match=str(tmp_path / "1.png")):
+        evaluate_retrieval(EmbeddingModel(False), CountingProcessor(), index, batch_size=2)

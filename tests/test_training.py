@@ -1,4 +1,5 @@
-"""Layer-wise learning-rate decay groups and the global-batch contrastive loss (one and two processes)."""
+"""Layer-wise learning-rate decay groups, `--optim` with them, and the global-batch contrastive loss (one and two
+processes)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from transformers.optimization import Adafactor
 
-from beit3_hf import Beit3ForImageTextRetrieval
+from beit3_hf import Beit3ForImageClassification, Beit3ForImageTextRetrieval
 from beit3_hf.models.beit3.modeling_beit3 import image_text_contrastive_loss
 from beit3_hf.training import global_contrastive_loss, layer_decay_parameter_groups, parameter_layer_id
+from beit3_hf.training.scripts import ScriptTrainingArguments
+from beit3_hf.training.trainer import Beit3Trainer
 
 from oracle_utils import free_port, tiny_config
 
@@ -92,3 +96,67 @@ def test_two_process_global_loss_equals_the_combined_batch():
     text_grads = torch.cat([results[0][2], results[1][2]]) / 2
     torch.testing.assert_close(image_grads, full_images.grad)
     torch.testing.assert_close(text_grads, full_texts.grad)
+
+
+def make_trainer(tmp_path, model, **args) -> Beit3Trainer:
+    training_args = ScriptTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **args)
+    return Beit3Trainer(model=model, args=training_args, layer_decay=0.5)
+
+
+@pytest.mark.parametrize(
+    ("optim", "expected"),
+    [("adamw_torch", torch.optim.AdamW), ("adafactor", Adafactor), ("sgd", torch.optim.SGD)],
+)
+def test_optim_is_honoured_with_the_layer_decay_groups(tmp_path, optim, expected):
+    model = Beit3ForImageTextRetrieval(tiny_config())
+    trainer = make_trainer(tmp_path, model, optim=optim, learning_rate=1e-3, weight_decay=0.05)
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is expected
+    reference = layer_decay_parameter_groups(model, learning_rate=1e-3, weight_decay=0.05, layer_decay=0.5)
+    assert len(optimizer.param_groups) == len(reference) > 2
+    for group, ref in zip(optimizer.param_groups, reference):
+        assert group["lr"] == pytest.approx(ref["lr"]) and group["weight_decay"] == ref["weight_decay"]
+        assert [id(p) for p in group["params"]] == [id(p) for p in ref["params"]]
+    if optim == "adafactor":  # Trainer's adafactor: the given learning rates, not Adafactor's relative steps
+        assert optimizer.defaults["relative_step"] is False and optimizer.defaults["scale_parameter"] is False
+    # The schedule scales every group alike: the layer-decay ratios survive it.
+    trainer.create_scheduler(num_training_steps=10)
+    optimizer.step()
+    trainer.lr_scheduler.step()
+    scales = [group["lr"] / ref["lr"] for group, ref in zip(optimizer.param_groups, reference)]
+    assert scales == pytest.approx([0.9] * len(scales))
+
+
+def test_optim_that_builds_its_own_groups_refuses_layer_decay(tmp_path, monkeypatch):
+    model = Beit3ForImageTextRetrieval(tiny_config())
+    trainer = make_trainer(tmp_path, model)
+
+    def own_groups(args, model=None):
+        return torch.optim.SGD, {"lr": 1e-3, "params": [{"params": list(model.parameters())}]}
+
+    monkeypatch.setattr(Beit3Trainer, "get_optimizer_cls_and_kwargs", staticmethod(own_groups))
+    with pytest.raises(ValueError, match=r"--optim .* cannot apply the layer-wise learning-rate decay"):
+        trainer.create_optimizer()
+
+
+def test_global_contrastive_is_an_explicit_flag(tmp_path):
+    torch.manual_seed(0)
+    inputs = {
+        "pixel_values": torch.randn(4, 3, 32, 32),
+        "input_ids": torch.randint(3, 100, (4, 5)),
+        "return_loss": True,
+    }
+    model = Beit3ForImageTextRetrieval(tiny_config())
+    # Off (the default): the model's own loss; on: the global loss, equal on one process.
+    own = make_trainer(tmp_path, model).compute_loss(model, dict(inputs))
+    trainer = make_trainer(tmp_path, model)
+    trainer.global_contrastive = True
+    torch.testing.assert_close(trainer.compute_loss(model, dict(inputs)), own)
+    # On, for a model that is not image-text contrastive: a clear error instead of a silent fallback.
+    classifier = Beit3ForImageClassification(tiny_config("image-classification"))
+    trainer = make_trainer(tmp_path, classifier)
+    trainer.global_contrastive = True
+    with pytest.raises(ValueError, match=r"global_contrastive=True needs an image-text contrastive model"):
+        trainer.compute_loss(
+            classifier, {"pixel_values": inputs["pixel_values"], "labels": torch.tensor([0, 1, 2, 3])}
+        )

@@ -18,17 +18,16 @@ See `README.md` next to this file for the full recipe.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-import os
 import random
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import transformers
 from PIL import Image
 from timm.data import Mixup, create_transform
 from timm.data import auto_augment as timm_auto_augment
@@ -37,7 +36,6 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
     EvalPrediction,
-    HfArgumentParser,
     TrainerCallback,
     TrainingArguments,
     set_seed,
@@ -45,8 +43,27 @@ from transformers import (
 
 import beit3_hf  # noqa: F401  (registers the BEiT-3 classes with the Auto classes in this process)
 from beit3_hf import BEIT3_PRESETS, Beit3ImageProcessor
-from beit3_hf.data import load_imagefolder
-from beit3_hf.training import Beit3Trainer, load_config
+from beit3_hf.data.loaders import (
+    IMAGE_EXTENSIONS,
+    ImageRowDecoder,
+    check_images,
+    gather_skipped,
+    image_name,
+    load_imagefolder,
+    open_image,
+    transform_with_skipping,
+)
+from beit3_hf.training.scripts import (
+    ScriptTrainingArguments,
+    check_distributed_launch,
+    load_config,
+    parse_script_args,
+    resolve_checkpoint,
+    save_final_model,
+    setup_logging,
+    write_model_card,
+)
+from beit3_hf.training.trainer import Beit3Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +149,13 @@ class DataTrainingArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate on a random subset of this many images."}
     )
+    test_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "--do_predict: a folder of images to classify, flat (predictions only) or with the training "
+            "class folders (predictions and test_top1 / test_top5). Writes predictions.jsonl."
+        },
+    )
     # timm.data.create_transform(is_training=True, ...) as the original `build_imagenet_transform`
     auto_augment: str | None = field(
         default="rand-m9-mstd0.5-inc1", metadata={"help": "timm auto-augment policy; 'none' to disable."}
@@ -176,8 +200,9 @@ class DataTrainingArguments:
 
 
 @dataclass
-class ImageClassificationTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the defaults of the original recipe where they do not depend on the hardware."""
+class ImageClassificationTrainingArguments(ScriptTrainingArguments):
+    """`TrainingArguments` (with the scripts' resume and image options) and the defaults of the original recipe
+    where they do not depend on the hardware."""
 
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warmup."})
     warmup_steps: float = field(
@@ -189,10 +214,6 @@ class ImageClassificationTrainingArguments(TrainingArguments):
     layer_decay: float = field(
         default=0.65,
         metadata={"help": "Layer-wise LR decay: layer i trains at lr * layer_decay ** (num_layers - i). 1 = off."},
-    )
-    remove_unused_columns: bool = field(
-        default=False,
-        metadata={"help": "Must stay False: the transforms read the raw 'image' column, which the model never sees."},
     )
 
 
@@ -262,18 +283,23 @@ class ImageClassificationCollator:
     mixup: Mixup | None = None
     label_smoothing: float = 0.0
 
-    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         pixel_values = torch.stack([torch.as_tensor(example["pixel_values"]) for example in examples])
+        batch: dict[str, Any] = {"pixel_values": pixel_values}
+        if "skipped_images" in examples[0]:  # training: the images replaced by other examples, for the report
+            batch["skipped_images"] = gather_skipped(examples)
+        if "labels" not in examples[0]:  # unlabelled test images
+            return batch
         labels = torch.tensor([int(example["labels"]) for example in examples], dtype=torch.long)
         if self.mixup is None and self.label_smoothing <= 0:
-            return {"pixel_values": pixel_values, "labels": labels}
+            return {**batch, "labels": labels}
         smoothing = self.mixup.label_smoothing if self.mixup is not None else self.label_smoothing
         targets = mixup_target(labels, self.num_labels, lam=1.0, smoothing=smoothing)
         even = len(labels) - len(labels) % 2
         if self.mixup is not None and even > 0:
             # Mixup mixes the views in place and returns the targets of the mixed images.
             _, targets[:even] = self.mixup(pixel_values[:even], labels[:even])
-        return {"pixel_values": pixel_values, "labels": targets}
+        return {**batch, "labels": targets}
 
 
 def preprocess_logits_for_metrics(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Tensor:
@@ -408,75 +434,116 @@ def load_eval_image_processor(model_args: ModelArguments, image_size: int) -> An
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def parse_args(
-    argv: Sequence[str] | None,
-) -> tuple[ModelArguments, DataTrainingArguments, ImageClassificationTrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, ImageClassificationTrainingArguments))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+USAGE = """Image classification with BEiT-3, trained with `examples/image-classification/run_image_classification.py`
+of beit3-hf. The folder carries its code: load it with `trust_remote_code=True`, no extra package needed.
+
+```python
+from transformers import pipeline
+
+classifier = pipeline("image-classification", model="{folder}", trust_remote_code=True)
+classifier("image.jpg")
+```"""
+
+
+def model_card(folder: str, results: dict[str, float] | None = None) -> dict[str, Any]:
+    """`write_model_card` arguments (a new dict each time: `create_model_card` extends the tag list in place)."""
+    return {
+        "description": USAGE.format(folder=Path(folder).name),
+        "results": results,
+        "tags": ["beit3", "image-classification", "beit3-hf"],
+        "tasks": "image-classification",
+        "license": "mit",
+    }
+
+
+def load_test_folder(test_dir: str, class_names: Sequence[str]) -> Any:
+    """`--test_dir` as a `datasets.Dataset` of `image` paths (sorted), with `label` when the images lie in class
+    folders named like the training classes; flat folders give unlabelled images. Errors name the folder."""
+    import datasets
+
+    root = Path(test_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--test_dir {root}: no such folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"--test_dir {root}: no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    flat = [p for p in files if p.parent == root]
+    if len(flat) == len(files):
+        return datasets.Dataset.from_dict({"image": [str(p) for p in files]})
+    if flat:
+        raise ValueError(f"--test_dir {root}: mixes images in class folders with loose images (e.g. {flat[0].name})")
+    label_of = {name: label for label, name in enumerate(class_names)}
+    unknown = sorted({p.parent.name for p in files if p.parent.parent != root or p.parent.name not in label_of})
+    if unknown:
+        raise ValueError(f"--test_dir {root}: folders that are not training classes: {unknown[:5]}")
+    return datasets.Dataset.from_dict(
+        {"image": [str(p) for p in files], "label": [label_of[p.parent.name] for p in files]}
+    )
+
+
+def write_predictions(path: Path, dataset: Any, top_indices: np.ndarray, id2label: dict[int, str]) -> None:
+    """One JSON line per test image: its file, the predicted class, the top-5 and (if known) the true label."""
+    with path.open("w", encoding="utf-8") as f:
+        for row, top in zip(dataset, np.asarray(top_indices).reshape(len(dataset), -1)):
+            line = {"file": image_name(row["image"]), "prediction": id2label[int(top[0])]}
+            line["top5"] = [id2label[int(i)] for i in top[:5]]
+            if "label" in row:
+                line["label"] = id2label[int(row["label"])]
+            f.write(json.dumps(line) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Run the script with command-line arguments `argv` (default: `sys.argv[1:]`); returns the final metrics."""
-    model_args, data_args, training_args = parse_args(argv)
-
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
+    model_args, data_args, training_args = parse_script_args(
+        (ModelArguments, DataTrainingArguments, ImageClassificationTrainingArguments), argv
     )
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-    logger.warning(
-        "Process rank: %d, world size: %d, device: %s, distributed training: %s, mixed precision: %s",
-        training_args.process_index,
-        training_args.world_size,
-        training_args.device,
-        training_args.parallel_mode.value == "distributed",
-        "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "no",
-    )
+    setup_logging(training_args, logger)
+    check_distributed_launch(training_args)
 
     # Settings this script relies on.
     if training_args.remove_unused_columns:
         logger.warning("Setting remove_unused_columns=False: the transforms need the raw 'image' column.")
         training_args.remove_unused_columns = False
     if training_args.ddp_find_unused_parameters is None:
-        # Images never reach the text experts, so DDP must expect unused parameters (as the original does); with
-        # non-reentrant checkpointing this also works with --gradient_checkpointing.
+        # Images never reach the text experts, so DDP must expect unused parameters (as the original does);
+        # transformers' activation checkpointing is non-reentrant by default, which allows it.
         training_args.ddp_find_unused_parameters = True
-    # `--gradient_checkpointing` (or `--activation_checkpointing`, its name since transformers 5.2x): non-reentrant
-    # checkpointing, which works with DDP and unused parameters.
-    checkpointing = getattr(training_args, "activation_checkpointing", None) or training_args.gradient_checkpointing
-    if checkpointing and not training_args.gradient_checkpointing_kwargs:
-        for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
-            if hasattr(training_args, name):
-                setattr(training_args, name, {"use_reentrant": False})
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and training_args.world_size == 1:
-        raise RuntimeError(
-            f"{os.environ['WORLD_SIZE']} processes were launched but they do not form a distributed group. On a "
-            "machine without GPUs pass --use_cpu, e.g. `accelerate launch --multi_gpu --num_processes 2 "
-            "run_image_classification.py ... --use_cpu` (gloo)."
-        )
     if training_args.do_train and data_args.mixup_active and training_args.per_device_train_batch_size % 2:
         raise ValueError(
             f"Mixup / cutmix mix pairs of images of a batch, so --per_device_train_batch_size must be even (got "
             f"{training_args.per_device_train_batch_size}); or turn them off with --mixup 0 --cutmix 0."
         )
-    if not (training_args.do_train or training_args.do_eval):
-        logger.warning("Neither --do_train nor --do_eval was given: nothing to do.")
+    if training_args.do_predict and data_args.test_dir is None:
+        raise ValueError("--do_predict needs --test_dir, a folder of images to classify.")
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        logger.warning("None of --do_train, --do_eval, --do_predict was given: nothing to do.")
+    # Before anything else: refuse an output folder this run would clobber, find the checkpoint to resume.
+    checkpoint = resolve_checkpoint(training_args) if training_args.do_train else None
 
     set_seed(training_args.seed)
 
-    # Data first: a malformed folder is reported before any model is built.
+    # Data first: a malformed folder is reported before any model is built. Images stay undecoded (paths) until the
+    # transforms, which name the file of an image that cannot be decoded.
     with training_args.main_process_first(desc="loading the image folder"):
-        data = load_imagefolder(data_args.data_dir, cache_dir=model_args.cache_dir)
+        data = load_imagefolder(data_args.data_dir, cache_dir=model_args.cache_dir, decode_images=False)
     dataset = data.dataset
     logger.info("%s: %d classes, %s", data.root, len(data.class_names), dataset)
+
+    def subset(split: Any, count: int | None) -> Any:
+        if count is None:
+            return split
+        return split.shuffle(seed=training_args.seed).select(range(min(count, len(split))))
+
+    raw_train = subset(dataset["train"], data_args.max_train_samples) if training_args.do_train else None
+    raw_eval = subset(dataset["validation"], data_args.max_eval_samples) if training_args.do_eval else None
+    raw_test = load_test_folder(data_args.test_dir, data.class_names) if training_args.do_predict else None
+    if training_args.check_images:
+        for name, split in (("training", raw_train), ("validation", raw_eval), ("test", raw_test)):
+            if split is not None:
+                check_images(
+                    split["image"],
+                    source=f"the {name} images of {data.root if name != 'test' else data_args.test_dir}",
+                )
 
     config = build_config(model_args, data.id2label)
     model = build_model(model_args, config)
@@ -485,27 +552,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     train_transform = build_train_transform(data_args, config.image_size, mean, std)
 
-    def train_transforms(batch: dict[str, list]) -> dict[str, list]:
-        pixel_values = [train_transform(image.convert("RGB")) for image in batch["image"]]
-        return {"pixel_values": pixel_values, "labels": batch["label"]}
+    def build_train_batch(batch: dict[str, list], images: list) -> dict[str, list]:
+        return {"pixel_values": [train_transform(image) for image in images], "labels": batch["label"]}
 
     def eval_transforms(batch: dict[str, list]) -> dict[str, list]:
-        pixel_values = image_processor(batch["image"], return_tensors="pt")["pixel_values"]
-        return {"pixel_values": list(pixel_values), "labels": batch["label"]}
+        images = [open_image(value) for value in batch["image"]]  # an undecodable image stops, naming its file
+        out = {"pixel_values": list(image_processor(images, return_tensors="pt")["pixel_values"])}
+        if "label" in batch:
+            out["labels"] = batch["label"]
+        return out
 
-    train_dataset = eval_dataset = None
-    if training_args.do_train:
-        train_dataset = dataset["train"]
-        if data_args.max_train_samples is not None:
-            count = min(data_args.max_train_samples, len(train_dataset))
-            train_dataset = train_dataset.shuffle(seed=training_args.seed).select(range(count))
-        train_dataset.set_transform(train_transforms)
-    if training_args.do_eval:
-        eval_dataset = dataset["validation"]
-        if data_args.max_eval_samples is not None:
-            count = min(data_args.max_eval_samples, len(eval_dataset))
-            eval_dataset = eval_dataset.shuffle(seed=training_args.seed).select(range(count))
-        eval_dataset.set_transform(eval_transforms)
+    train_dataset = eval_dataset = test_dataset = None
+    if raw_train is not None:
+        decoder = ImageRowDecoder(raw_train, "image", skip=training_args.skip_undecodable_images)
+        train_dataset = raw_train.with_transform(transform_with_skipping(decoder, build_train_batch))
+    if raw_eval is not None:
+        eval_dataset = raw_eval.with_transform(eval_transforms)
+    if raw_test is not None:
+        test_dataset = raw_test.with_transform(eval_transforms)
 
     mixup = None
     if data_args.mixup_active:
@@ -531,24 +595,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         processing_class=image_processor,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        callbacks=[PerProcessAugmentationSeed()],
+        callbacks=[PerProcessAugmentationSeed(), *training_args.early_stopping_callbacks()],
         layer_decay=training_args.layer_decay,
     )
 
     results: dict[str, float] = {}
+
+    def report(split: str, metrics: dict[str, float]) -> None:
+        trainer.log_metrics(split, metrics)
+        trainer.save_metrics(split, metrics)
+        results.update(metrics)
+
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()  # weights, config, code files and the image processor
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        # Weights, config, code files, image processor and card, before any evaluation can fail.
+        save_final_model(trainer, **model_card(training_args.output_dir))
         metrics = dict(train_result.metrics, train_samples=len(train_dataset))
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
+        metrics["train_skipped_images"] = len(trainer.skipped_images)
+        report("train", metrics)
         trainer.save_state()
-        results.update(metrics)
     if training_args.do_eval:
-        metrics = dict(trainer.evaluate(), eval_samples=len(eval_dataset))
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
+        report("eval", dict(trainer.evaluate(), eval_samples=len(eval_dataset)))
+    if training_args.do_predict:
+        prediction = trainer.predict(test_dataset, metric_key_prefix="test")
+        report("test", dict(prediction.metrics, test_samples=len(test_dataset)))
+        if trainer.is_world_process_zero():
+            path = Path(training_args.output_dir) / "predictions.jsonl"
+            write_predictions(path, raw_test, prediction.predictions, config.id2label)
+            logger.info("Predictions of %d images: %s", len(raw_test), path)
+    if training_args.do_train and (training_args.do_eval or training_args.do_predict):
+        write_model_card(trainer, **model_card(training_args.output_dir, results))  # again, with the evaluation
     return results
 
 

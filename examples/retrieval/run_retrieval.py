@@ -1,13 +1,20 @@
+#!/usr/bin/env python
 """Fine-tune BEiT-3 for image-text retrieval with `Trainer` (single process, `torchrun` or `accelerate launch`).
 
     python examples/retrieval/run_retrieval.py \
         --model_name_or_path beit3-base-itc-patch16-224 --karpathy_json dataset_flickr30k.json --image_root flickr30k \
-        --output_dir runs/f30k --per_device_train_batch_size 32 --learning_rate 1e-4 --layer_decay 0.65 \
+        --output_dir runs/f30k --do_train --do_eval --do_predict \
+        --per_device_train_batch_size 32 --learning_rate 1e-4 --layer_decay 0.65 \
         --num_train_epochs 20 --warmup_steps 0.25 --lr_scheduler_type cosine --weight_decay 0.05 --bf16
 
 Data: a Karpathy split file (`dataset_flickr30k.json`, `dataset_coco.json`) plus the image root, or JSON / JSONL
 files of `{"image": path, "caption": text}`. The model comes from a folder made by `python -m beit3_hf.convert` (or
 any saved BEiT-3 retrieval folder), or from a preset (`--config_name beit3-base-patch16-384`) to train from scratch.
+
+`--do_train` trains on `--train_split` (or `--train_file`), saves the model, its processor and a model card, then
+`--do_eval` reports recall on `--eval_split` (`--validation_file`) and `--do_predict` on `--test_split`
+(`--test_file`). Metrics go to `train_results.json`, `eval_results.json`, `test_results.json` and
+`all_results.json`. Rerunning an interrupted command resumes from the last complete checkpoint of `--output_dir`.
 
 The recipe of the original: AdamW with layer-wise learning-rate decay (`--layer_decay`), warmup then cosine, drop
 path (`--drop_path_rate`), no weight decay on norms, biases, tokens and position tables, random resized crop (scale
@@ -17,31 +24,76 @@ Evaluation encodes every image and every caption once and reports TR@1/5/10, IR@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from torchvision import transforms
-from transformers import AutoModel, AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
+from transformers import AutoModel, AutoProcessor, set_seed
+from transformers.trainer_utils import PredictionOutput, speed_metrics
 
 from beit3_hf import Beit3ForImageTextRetrieval
 from beit3_hf.conversion.tokenizer import load_sentencepiece_tokenizer, processor_for_task
-from beit3_hf.data import RetrievalEvalIndex, RetrievalPairDataset, load_caption_jsonl, load_karpathy_split
+from beit3_hf.data.loaders import (
+    ImageRowDecoder,
+    RetrievalEvalIndex,
+    RetrievalRecord,
+    check_images,
+    gather_skipped,
+    load_caption_jsonl,
+    load_karpathy_split,
+    retrieval_pair_dataset,
+    transform_with_skipping,
+)
 from beit3_hf.evaluation.retrieval import evaluate_retrieval
-from beit3_hf.training import Beit3Trainer, load_config
+from beit3_hf.training.scripts import (
+    ScriptTrainingArguments,
+    check_distributed_launch,
+    load_config,
+    parse_script_args,
+    resolve_checkpoint,
+    save_final_model,
+    setup_logging,
+    write_model_card,
+)
+from beit3_hf.training.trainer import Beit3Trainer
 
 logger = logging.getLogger(__name__)
 
 
+USAGE = """Image-text retrieval with BEiT-3, fine-tuned with `examples/retrieval/run_retrieval.py` of beit3-hf. The
+folder carries its code: load it with `trust_remote_code=True`, no extra package needed.
+
+```python
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("{folder}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{folder}", trust_remote_code=True)
+inputs = processor(images=images, text=captions, return_tensors="pt")
+similarity = model(**inputs).logits_per_image
+```
+
+Recall metrics (`tr_r1`: text retrieval R@1, `ir_r1`: image retrieval R@1, ...) are fractions of the queries."""
+
+
+def model_card(folder: str, results: dict[str, float] | None = None) -> dict[str, Any]:
+    """`write_model_card` arguments (a new dict each time: `create_model_card` extends the tag list in place)."""
+    return {
+        "description": USAGE.format(folder=Path(folder).name),
+        "results": results,
+        "tags": ["beit3", "image-text-retrieval", "beit3-hf"],
+        "license": "mit",
+    }
+
+
 @dataclass
 class ModelArguments:
+    """Which model to fine-tune, or which configuration to train from scratch."""
+
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A converted / saved BEiT-3 folder (or Hub repo) to fine-tune."}
     )
@@ -61,12 +113,16 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    """The image-text pairs: a Karpathy split file, or {image, caption} JSON / JSONL files, and the augmentation."""
+
     karpathy_json: str | None = field(default=None, metadata={"help": "Karpathy split file (dataset_*.json)."})
     image_root: str | None = field(default=None, metadata={"help": "Folder the image paths are relative to."})
     train_file: str | None = field(default=None, metadata={"help": "JSON/JSONL of {image, caption} for training."})
     validation_file: str | None = field(default=None, metadata={"help": "JSON/JSONL of {image, caption} to evaluate."})
+    test_file: str | None = field(default=None, metadata={"help": "JSON/JSONL of {image, caption} for --do_predict."})
     train_split: str = field(default="train", metadata={"help": "Karpathy split to train on."})
-    eval_split: str = field(default="test", metadata={"help": "Karpathy split to evaluate on."})
+    eval_split: str = field(default="val", metadata={"help": "Karpathy split of --do_eval (and --eval_strategy)."})
+    test_split: str = field(default="test", metadata={"help": "Karpathy split of --do_predict."})
     include_restval: bool = field(default=True, metadata={"help": "Train on Karpathy 'restval' too (COCO)."})
     max_text_length: int = field(default=64, metadata={"help": "Text tokens, <s> and </s> included."})
     min_crop_scale: float = field(
@@ -76,29 +132,40 @@ class DataArguments:
     randaug: bool = field(default=False, metadata={"help": "RandAugment (2 ops, magnitude 7) on training images."})
     max_train_images: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
     max_eval_images: int | None = field(default=None, metadata={"help": "Evaluate on the first N images only."})
+    max_test_images: int | None = field(default=None, metadata={"help": "Predict on the first N images only."})
 
 
 @dataclass
-class RetrievalTrainingArguments(TrainingArguments):
+class RetrievalTrainingArguments(ScriptTrainingArguments):
+    """`TrainingArguments` (with the scripts' resume and image options) plus the retrieval recipe's."""
+
     layer_decay: float = field(default=1.0, metadata={"help": "Layer-wise learning-rate decay (0.65 for base)."})
     global_contrastive: bool = field(
         default=True, metadata={"help": "Contrast each pair with the batches of all processes."}
     )
-    eval_before_training: bool = field(default=False, metadata={"help": "Evaluate once before training."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the raw image/caption fields."})
-
-
-def load_records(data: DataArguments, split: str, jsonl: str | None) -> list:
-    if jsonl is not None:
-        return load_caption_jsonl(jsonl, image_root=data.image_root)
-    if data.karpathy_json is None:
-        raise ValueError("Give --karpathy_json (with --image_root) or --train_file / --validation_file.")
-    return load_karpathy_split(
-        data.karpathy_json, data.image_root or ".", split, include_restval=data.include_restval and split == "train"
+    eval_before_training: bool = field(
+        default=False, metadata={"help": "Evaluate once before training (metrics before_*, before_results.json)."}
     )
 
 
+def load_records(data: DataArguments, split: str, file: str | None, limit: int | None) -> list[RetrievalRecord]:
+    """The first `limit` images of `file` (JSON / JSONL) or of Karpathy split `split`; errors name the file."""
+    if file is not None:
+        records = load_caption_jsonl(file, image_root=data.image_root)
+    elif data.karpathy_json is not None:
+        records = load_karpathy_split(
+            data.karpathy_json,
+            data.image_root or ".",
+            split,
+            include_restval=data.include_restval and split == data.train_split,
+        )
+    else:
+        raise ValueError("Give --karpathy_json (with --image_root) or --train_file / --validation_file / --test_file.")
+    return records[:limit]
+
+
 def build_model_and_processor(args: ModelArguments, max_text_length: int) -> tuple[Beit3ForImageTextRetrieval, Any]:
+    """The retrieval model (pretrained or new) and its processor, with the tokenizer's special ids checked."""
     source = args.model_name_or_path or args.config_name
     if source is None:
         raise ValueError("Give --model_name_or_path (fine-tune) or --config_name (train from scratch).")
@@ -109,7 +176,7 @@ def build_model_and_processor(args: ModelArguments, max_text_length: int) -> tup
         model = AutoModel.from_pretrained(
             args.model_name_or_path, config=config, trust_remote_code=args.trust_remote_code
         )
-        if not hasattr(model, "get_text_features"):
+        if type(model).__name__ != "Beit3ForImageTextRetrieval":  # the package's class or the folder's own code
             raise ValueError(f"{args.model_name_or_path} holds a {type(model).__name__}, not a retrieval model.")
     else:
         model = Beit3ForImageTextRetrieval(config)
@@ -153,137 +220,168 @@ def train_image_transform(image_size: int, data: DataArguments) -> transforms.Co
     return transforms.Compose(steps)
 
 
-class PairCollator:
-    """Stacks training pairs: transformed images, tokenised captions, and `return_loss=True`."""
+def training_pairs(records: list[RetrievalRecord], image_transform: transforms.Compose, skip_bad: bool) -> Any:
+    """One row per (image, caption) pair (`datasets.Dataset`), decoded and transformed lazily; an undecodable
+    image is replaced by another pair and recorded (`skip_bad`), or stops the run naming the file."""
+    pairs = retrieval_pair_dataset(records)
+    decoder = ImageRowDecoder(pairs, "image", skip=skip_bad)
 
-    def __init__(self, processor: Any, image_transform: transforms.Compose) -> None:
+    def build(batch: dict[str, list], images: list) -> dict[str, list]:
+        return {"pixel_values": [image_transform(image) for image in images], "caption": batch["caption"]}
+
+    return pairs.with_transform(transform_with_skipping(decoder, build))
+
+
+class PairCollator:
+    """Stacks training pairs: transformed images, tokenised captions, `return_loss=True`, and the records of the
+    images that were skipped (taken out again by `Beit3Trainer`)."""
+
+    def __init__(self, processor: Any) -> None:
         self.processor = processor
-        self.image_transform = image_transform
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         text = self.processor(text=[item["caption"] for item in items], return_tensors="pt")
-        return {
-            "pixel_values": torch.stack([self.image_transform(item["image"]) for item in items]),
+        batch = {
+            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
             "return_loss": True,
         }
+        if "skipped_images" in items[0]:
+            batch["skipped_images"] = gather_skipped(items)
+        return batch
 
 
 class RetrievalTrainer(Beit3Trainer):
-    """`Beit3Trainer` whose `evaluate` reports retrieval recall on an evaluation index."""
+    """`Beit3Trainer` whose evaluation and prediction report retrieval recall on a `RetrievalEvalIndex`.
 
-    def __init__(self, *args: Any, eval_index: RetrievalEvalIndex | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.eval_index = eval_index
+    `evaluate` logs the metrics and runs the callbacks' `on_evaluate`, as `Trainer.evaluate` does (so that
+    `EarlyStoppingCallback` and `--load_best_model_at_end` work); `predict` runs `on_predict`.
+    """
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        if self.eval_index is None:
-            raise ValueError("No evaluation data: give --karpathy_json with --eval_split, or --validation_file.")
+    def _recall(self, index: Any, metric_key_prefix: str) -> dict[str, float]:
+        if not isinstance(index, RetrievalEvalIndex):
+            raise ValueError(
+                f"No retrieval evaluation set (got {type(index).__name__}): give --karpathy_json with "
+                "--eval_split / --test_split, or --validation_file / --test_file."
+            )
+        start = time.time()
         model = self.accelerator.unwrap_model(self.model)
         training = model.training
-        metrics = evaluate_retrieval(
-            model,
-            self.processing_class,
-            self.eval_index,
-            batch_size=self.args.per_device_eval_batch_size,
-            accelerator=self.accelerator,
-        )
-        model.train(training)
+        try:
+            metrics = evaluate_retrieval(
+                model,
+                self.processing_class,
+                index,
+                batch_size=self.args.per_device_eval_batch_size,
+                accelerator=self.accelerator,
+                num_workers=self.args.dataloader_num_workers,
+            )
+        finally:
+            model.train(training)
         metrics = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
-        self.log(metrics)
+        metrics.update(speed_metrics(metric_key_prefix, start, num_samples=index.num_images + index.num_texts))
         return metrics
 
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Recall on `eval_dataset` (default: the trainer's), as `eval_tr_r1`, ..., `eval_r_mean`."""
+        metrics = self._recall(self.eval_dataset if eval_dataset is None else eval_dataset, metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
-def write_model_card(output_dir: Path, model: Beit3ForImageTextRetrieval, metrics: dict[str, Any]) -> None:
-    """A Hub model card (README.md) with the evaluation results and how to load the folder."""
-    config = model.config
-    rows = "\n".join(
-        f"| {name} | {metrics.get(f'before_{name}', float('nan')):.3f} | {metrics[f'after_{name}']:.3f} |"
-        for name in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean")
-        if f"after_{name}" in metrics
-    )
-    card = f"""---
-library_name: transformers
-pipeline_tag: zero-shot-image-classification
-tags: [beit3, image-text-retrieval, beit3-hf]
-license: mit
----
-
-# BEiT-3 image-text retrieval ({config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.image_size}px)
-
-Fine-tuned with `examples/retrieval/run_retrieval.py` of beit3-hf. The folder carries its code: load it with
-`trust_remote_code=True`, no extra package needed.
-
-```python
-from transformers import AutoModel, AutoProcessor
-
-model = AutoModel.from_pretrained("{output_dir.name}", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("{output_dir.name}", trust_remote_code=True)
-inputs = processor(images=images, text=captions, return_tensors="pt")
-similarity = model(**inputs).logits_per_image
-```
-
-## Evaluation (recall, fraction of queries)
-
-| metric | before training | after training |
-|---|---|---|
-{rows}
-"""
-    (output_dir / "README.md").write_text(card)
+    def predict(
+        self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
+    ) -> PredictionOutput:
+        """Recall on `test_dataset`, as `test_tr_r1`, ...; the output carries metrics only."""
+        metrics = self._recall(test_dataset, metric_key_prefix)
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics)
+        return PredictionOutput(predictions=None, label_ids=None, metrics=metrics)
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[ModelArguments, DataArguments, RetrievalTrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, RetrievalTrainingArguments))
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) == 1 and args[0].endswith(".json"):
-        return parser.parse_json_file(args[0])
-    return parser.parse_args_into_dataclasses(args)
+def index_metrics(prefix: str, index: RetrievalEvalIndex) -> dict[str, int]:
+    """The size of an evaluation set, for the results files."""
+    return {f"{prefix}_images": index.num_images, f"{prefix}_texts": index.num_texts}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    model_args, data_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    """Run the script with command-line arguments `argv` (default: `sys.argv[1:]`); returns all the metrics."""
+    model_args, data_args, training_args = parse_script_args(
+        (ModelArguments, DataArguments, RetrievalTrainingArguments), argv
+    )
+    setup_logging(training_args, logger)
+    check_distributed_launch(training_args)
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        logger.warning("None of --do_train, --do_eval, --do_predict was given: nothing to do.")
+    # Before anything else: refuse an output folder this run would clobber, find the checkpoint to resume.
+    checkpoint = resolve_checkpoint(training_args) if training_args.do_train else None
     set_seed(training_args.seed)
-    logger.info("process %d, world size: %d", training_args.process_index, training_args.world_size)
 
-    train_records = load_records(data_args, data_args.train_split, data_args.train_file)[: data_args.max_train_images]
-    eval_records = None
-    if data_args.validation_file is not None or data_args.karpathy_json is not None:
-        eval_records = load_records(data_args, data_args.eval_split, data_args.validation_file)
-        eval_records = eval_records[: data_args.max_eval_images]
+    # Data first: malformed files, missing (and with --check_images, undecodable) images stop the run here.
+    train_records = eval_records = test_records = None
+    if training_args.do_train:
+        train_records = load_records(
+            data_args, data_args.train_split, data_args.train_file, data_args.max_train_images
+        )
+    if training_args.do_eval or training_args.eval_before_training:
+        eval_records = load_records(
+            data_args, data_args.eval_split, data_args.validation_file, data_args.max_eval_images
+        )
+    if training_args.do_predict:
+        test_records = load_records(data_args, data_args.test_split, data_args.test_file, data_args.max_test_images)
+    if training_args.check_images:
+        for name, records in (("training", train_records), ("evaluation", eval_records), ("test", test_records)):
+            if records:
+                check_images(dict.fromkeys(r.image_path for r in records), source=f"the {name} set")
+
     model, processor = build_model_and_processor(model_args, data_args.max_text_length)
-    if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}  # works under DDP
     if training_args.ddp_find_unused_parameters is None:
         # Some parameters get no gradient in a retrieval step (the mask token); non-reentrant checkpointing allows it.
         training_args.ddp_find_unused_parameters = True
 
+    train_dataset = None
+    if train_records:
+        image_transform = train_image_transform(model.config.image_size, data_args)
+        train_dataset = training_pairs(train_records, image_transform, training_args.skip_undecodable_images)
+    eval_index = RetrievalEvalIndex.from_records(eval_records) if eval_records else None
     trainer = RetrievalTrainer(
         model=model,
         args=training_args,
-        train_dataset=RetrievalPairDataset(train_records),
-        data_collator=PairCollator(processor, train_image_transform(model.config.image_size, data_args)),
+        train_dataset=train_dataset,
+        eval_dataset=eval_index,
+        data_collator=PairCollator(processor),
         processing_class=processor,
+        callbacks=training_args.early_stopping_callbacks(),
         layer_decay=training_args.layer_decay,
         global_contrastive=training_args.global_contrastive,
-        eval_index=RetrievalEvalIndex.from_records(eval_records) if eval_records else None,
     )
+
     results: dict[str, float] = {}
-    if training_args.eval_before_training and eval_records:
-        results.update({f"before_{k.removeprefix('eval_')}": v for k, v in trainer.evaluate().items()})
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    results["train_loss"] = train_result.training_loss
-    if eval_records:
-        results.update({f"after_{k.removeprefix('eval_')}": v for k, v in trainer.evaluate().items()})
-    trainer.save_model()
-    if trainer.is_world_process_zero():
-        output_dir = Path(training_args.output_dir)
-        processor.save_pretrained(output_dir)
-        write_model_card(output_dir, trainer.accelerator.unwrap_model(trainer.model), results)
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        logger.info("results: %s", json.dumps({k: round(v, 4) for k, v in results.items() if math.isfinite(v)}))
+
+    def report(split: str, metrics: dict[str, float]) -> None:
+        trainer.log_metrics(split, metrics)
+        trainer.save_metrics(split, metrics)
+        results.update(metrics)
+
+    if training_args.eval_before_training:
+        report("before", {**trainer.evaluate(metric_key_prefix="before"), **index_metrics("before", eval_index)})
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        # The model, processor and card are saved before any evaluation: a failing evaluation never costs them.
+        save_final_model(trainer, **model_card(training_args.output_dir))
+        metrics = dict(train_result.metrics, train_samples=len(train_dataset))
+        metrics["train_skipped_images"] = len(trainer.skipped_images)
+        report("train", metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        report("eval", {**trainer.evaluate(), **index_metrics("eval", eval_index)})
+    if training_args.do_predict:
+        test_index = RetrievalEvalIndex.from_records(test_records)
+        report("test", {**trainer.predict(test_index).metrics, **index_metrics("test", test_index)})
+    if training_args.do_train and (training_args.do_eval or training_args.do_predict):
+        write_model_card(trainer, **model_card(training_args.output_dir, results))  # again, with the evaluation
     return results
 
 

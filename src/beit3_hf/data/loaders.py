@@ -5,21 +5,35 @@ Retrieval:
 - :func:`load_karpathy_split`: Karpathy split files (``dataset_flickr30k.json``, ``dataset_coco.json``, and the
   built-in ``dataset_synthetic.json``) plus an image root;
 - :func:`load_caption_jsonl`: a JSON list or JSON Lines file of ``{"image": path, "caption": text}``;
-- :class:`RetrievalPairDataset`: a torch ``Dataset`` with one ``(image, caption)`` pair per caption, for training;
+- :func:`retrieval_pair_dataset`: a Hugging Face ``datasets.Dataset`` with one ``(image, caption)`` row per caption,
+  for training (transforms through ``.with_transform``);
 - :class:`RetrievalEvalIndex`: the unique images, all captions and the caption -> image map, so that evaluation
-  encodes every image once and every caption once (see :mod:`beit3_hf.evaluation.retrieval`).
+  encodes every image once and every caption once (see :mod:`beit3_hf.evaluation.retrieval`); its images are a
+  ``datasets.Dataset`` too.
+
+The loaders are the validation layer: they parse the files themselves, so that every error names the file and the
+entry or line (``datasets``' JSON reader names neither), then hand plain records to ``datasets``.
 
 Classification: :func:`load_imagefolder` reads an ImageNet-style ``train/CLASS/*.JPEG`` + ``val/CLASS/*.JPEG`` folder
 through Hugging Face ``datasets``, without touching the network.
 
 Every loader checks its input up front and raises an error that names the offending file (and entry or line).
+
+Images: :func:`open_image` decodes one with an error naming the file (Pillow's "image file is truncated" does not),
+:func:`check_images` decodes a whole set up front, and :class:`ImageRowDecoder` / :func:`transform_with_skipping`
+replace an undecodable training image by another example and record it, so that a long run neither crashes nor
+skips it silently.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
+import random
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,14 +44,21 @@ from PIL import Image
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolderData",
+    "ImageRowDecoder",
     "RetrievalEvalIndex",
-    "RetrievalImageDataset",
-    "RetrievalPairDataset",
     "RetrievalRecord",
+    "UndecodableImageError",
+    "check_images",
     "check_images_exist",
+    "find_undecodable_images",
+    "gather_skipped",
+    "image_name",
     "load_caption_jsonl",
     "load_imagefolder",
     "load_karpathy_split",
+    "open_image",
+    "retrieval_pair_dataset",
+    "transform_with_skipping",
 ]
 
 #: File extensions (lower case) counted as images in class folders.
@@ -45,6 +66,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", "
 #: Folder names accepted for the validation split of an ImageNet-style folder, in order of preference.
 VALIDATION_FOLDER_NAMES: tuple[str, ...] = ("val", "validation", "valid")
 _MAX_LISTED = 5
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -279,83 +302,199 @@ def load_caption_jsonl(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# torch datasets for training and evaluation
+# Images: decoding with the file's name, up-front checks, skipping during training
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _open_rgb(path: str) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+class UndecodableImageError(OSError):
+    """An image file that Pillow cannot read; the message starts with the file's path."""
 
 
-class RetrievalPairDataset(torch.utils.data.Dataset):
-    """One item per (image, caption) pair, for contrastive retrieval training.
+def _image_source(value: Any) -> tuple[str, Any]:
+    """`(name, what Image.open takes)` of a path, a `datasets.Image(decode=False)` dict or a PIL image."""
+    if isinstance(value, dict):  # {"path": ..., "bytes": ...} from datasets.Image(decode=False)
+        path, data = value.get("path"), value.get("bytes")
+        if data is not None:
+            return str(path or "<image bytes>"), io.BytesIO(data)
+        if path is None:
+            raise UndecodableImageError("<image>: the row has neither a path nor bytes")
+        return str(path), path
+    return str(value), value
 
-    Items are dicts ``{"image": PIL RGB image (or the path if load_images=False), "caption": str, "image_id": int}``.
-    ``transform``, if given, is applied to the item dict and its result is returned (e.g. a processor call that
-    returns tensors), so that a plain collator or a ``Trainer`` can stack them.
+
+def image_name(value: Any) -> str:
+    """The file name of an image value (path, `datasets.Image(decode=False)` dict), for messages and reports."""
+    if isinstance(value, Image.Image):
+        return getattr(value, "filename", "") or "<PIL image>"
+    return _image_source(value)[0]
+
+
+def open_image(value: Any) -> Image.Image:
+    """Decode an image fully and convert it to RGB; any failure raises `UndecodableImageError` naming the file.
+
+    `value` is a path, a `datasets.Image(decode=False)` dict (`{"path", "bytes"}`) or a PIL image. Pillow's own
+    errors for truncated files ("image file is truncated") do not name the file; this one does.
 
     Example:
-        >>> ds = RetrievalPairDataset([RetrievalRecord("a.png", ("x", "y"), 0)], load_images=False)
-        >>> len(ds), ds[1]
-        (2, {'image': 'a.png', 'caption': 'y', 'image_id': 0})
+        >>> import tempfile, pathlib
+        >>> bad = pathlib.Path(tempfile.mkdtemp()) / "bad.png"
+        >>> _ = bad.write_bytes(b"not a png")
+        >>> try:
+        ...     open_image(bad)
+        ... except UndecodableImageError as error:
+        ...     print(str(error).startswith(str(bad)))
+        True
+    """
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    name, source = _image_source(value)
+    try:
+        with Image.open(source) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        if isinstance(error, FileNotFoundError):
+            raise UndecodableImageError(f"{name}: no such file") from error
+        raise UndecodableImageError(f"{name}: cannot decode the image ({type(error).__name__}: {error})") from error
+
+
+def _decode_error(value: Any) -> str | None:
+    try:
+        open_image(value)
+    except UndecodableImageError as error:
+        return str(error)
+    return None
+
+
+def find_undecodable_images(values: Iterable[Any], num_threads: int | None = None) -> list[str]:
+    """Decode every image (in threads: Pillow releases the GIL) and return one message per undecodable file."""
+    values = list(values)
+    num_threads = num_threads or min(16, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        return [error for error in pool.map(_decode_error, values, chunksize=64) if error is not None]
+
+
+def check_images(values: Iterable[Any], *, source: str, num_threads: int | None = None) -> None:
+    """`--check_images`: raise `UndecodableImageError` listing the undecodable images of `source` (a description
+    such as "dataset_coco.json split 'train'"), if any.
+
+    Example:
+        >>> check_images([], source="an empty set")  # nothing to decode, no error
+    """
+    values = list(values)
+    errors = find_undecodable_images(values, num_threads)
+    if errors:
+        listed = "\n  ".join(errors[:_MAX_LISTED])
+        more = f"\n  ... and {len(errors) - _MAX_LISTED} more" if len(errors) > _MAX_LISTED else ""
+        raise UndecodableImageError(
+            f"{source}: {len(errors)} of {len(values)} images cannot be decoded:\n  {listed}{more}\n"
+            "Remove or replace them."
+        )
+    logger.info("%s: all %d images decode.", source, len(values))
+
+
+class ImageRowDecoder:
+    """Decode the image column of a batch of dataset rows; during training, replace an undecodable row.
+
+    `rows` is the untransformed dataset (anything with `len()` and `rows[i] -> dict`, e.g. a `datasets.Dataset`);
+    `__call__(batch)` takes a `with_transform` batch (a dict of columns) and returns `(batch, images, skipped)`:
+    the batch with every undecodable row replaced by another row of `rows` (drawn deterministically from the
+    file's name), its decoded RGB images, and one `{"file", "error"}` record per replaced image. With `skip=False`
+    (evaluation) the first undecodable image raises `UndecodableImageError`. When `max_attempts` replacement draws
+    give no decodable image it raises as well: the data is broken, not an odd file.
     """
 
-    def __init__(
-        self,
-        records: Sequence[RetrievalRecord],
-        *,
-        load_images: bool = True,
-        transform: Callable[[dict[str, Any]], Any] | None = None,
-    ) -> None:
-        self.records = list(records)
-        self.load_images = load_images
-        self.transform = transform
-        self.pairs: list[tuple[int, int]] = [
-            (i, j) for i, r in enumerate(self.records) for j in range(len(r.captions))
-        ]
+    def __init__(self, rows: Any, image_column: str, *, skip: bool = True, max_attempts: int = 16) -> None:
+        self.rows = rows
+        self.image_column = image_column
+        self.skip = skip
+        self.max_attempts = max_attempts
 
-    def __len__(self) -> int:
-        return len(self.pairs)
+    def __call__(self, batch: dict[str, list]) -> tuple[dict[str, list], list[Image.Image], list[dict[str, str]]]:
+        columns = list(batch)
+        batch = {key: list(values) for key, values in batch.items()}
+        images: list[Image.Image] = []
+        skipped: list[dict[str, str]] = []
+        for i, value in enumerate(batch[self.image_column]):
+            first = image_name(value)
+            failed: dict[str, str] = {}  # file -> error, for this example
+            draws = 0
+            while True:
+                name = image_name(value)
+                if name not in failed:  # a file already found undecodable for this example is not tried again
+                    try:
+                        images.append(open_image(value))
+                        break
+                    except UndecodableImageError as error:
+                        if not self.skip:
+                            raise
+                        failed[name] = str(error)
+                        skipped.append({"file": name, "error": str(error)})
+                        logger.warning("Skipping an undecodable training image: %s", error)
+                if draws >= self.max_attempts:
+                    raise UndecodableImageError(
+                        f"{draws} replacement draws found no decodable image; undecodable: "
+                        + "; ".join(failed.values())
+                    )
+                draws += 1
+                row = self.rows[random.Random(f"{first}:{draws}").randrange(len(self.rows))]
+                for key in columns:
+                    batch[key][i] = row[key]
+                value = row[self.image_column]
+        return batch, images, skipped
 
-    def __getitem__(self, index: int) -> Any:
-        record_index, caption_index = self.pairs[index]
-        record = self.records[record_index]
-        item = {
-            "image": _open_rgb(record.image_path) if self.load_images else record.image_path,
-            "caption": record.captions[caption_index],
-            "image_id": record.image_id,
+
+def transform_with_skipping(
+    decoder: ImageRowDecoder, build: Callable[[dict[str, list], list[Image.Image]], dict[str, list]]
+) -> Callable[[dict[str, list]], dict[str, list]]:
+    """A `with_transform` function: decode with `decoder`, then `build(batch, images)`; the records of skipped
+    images ride along in a `skipped_images` column (the first row of the batch carries them), which the collators
+    gather and `Beit3Trainer` consumes."""
+
+    def transform(batch: dict[str, list]) -> dict[str, list]:
+        batch, images, skipped = decoder(batch)
+        out = build(batch, images)
+        size = len(images)
+        out["skipped_images"] = [skipped if i == 0 else [] for i in range(size)]
+        return out
+
+    return transform
+
+
+def gather_skipped(items: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """The skipped-image records carried by a list of transformed items (see `transform_with_skipping`)."""
+    return [record for item in items for record in item.get("skipped_images") or []]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face datasets for training and evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def retrieval_pair_dataset(records: Sequence[RetrievalRecord]) -> Any:
+    """A ``datasets.Dataset`` with one row per (image, caption) pair, for contrastive retrieval training.
+
+    Columns: ``image`` (the image file's path, decoded by the training transform, so that a file that cannot be
+    decoded is named and can be skipped), ``caption`` and ``image_id``. Apply the image transform lazily with
+    ``.with_transform``.
+
+    Example:
+        >>> records = [RetrievalRecord("a.png", ("x", "y"), 0), RetrievalRecord("b.png", ("z",), 1)]
+        >>> pairs = retrieval_pair_dataset(records)
+        >>> pairs.num_rows, pairs[1]
+        (3, {'image': 'a.png', 'caption': 'y', 'image_id': 0})
+    """
+    import datasets
+
+    if not records:
+        raise ValueError("no records: the training set is empty")
+    return datasets.Dataset.from_dict(
+        {
+            "image": [r.image_path for r in records for _ in r.captions],
+            "caption": [caption for r in records for caption in r.captions],
+            "image_id": [r.image_id for r in records for _ in r.captions],
         }
-        return self.transform(item) if self.transform is not None else item
-
-
-class RetrievalImageDataset(torch.utils.data.Dataset):
-    """The unique images of an evaluation set, each once: items ``{"image": PIL RGB image or path, "index": int}``.
-
-    Example:
-        >>> ds = RetrievalImageDataset(["a.png", "b.png"], load_images=False)
-        >>> len(ds), ds[1]
-        (2, {'image': 'b.png', 'index': 1})
-    """
-
-    def __init__(
-        self,
-        image_paths: Sequence[str],
-        *,
-        load_images: bool = True,
-        transform: Callable[[dict[str, Any]], Any] | None = None,
-    ) -> None:
-        self.image_paths = list(image_paths)
-        self.load_images = load_images
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
-    def __getitem__(self, index: int) -> Any:
-        path = self.image_paths[index]
-        item = {"image": _open_rgb(path) if self.load_images else path, "index": index}
-        return self.transform(item) if self.transform is not None else item
+    )
 
 
 @dataclass(frozen=True)
@@ -408,11 +547,16 @@ class RetrievalEvalIndex:
         """Number of captions."""
         return len(self.captions)
 
-    def image_dataset(
-        self, *, load_images: bool = True, transform: Callable[[dict[str, Any]], Any] | None = None
-    ) -> RetrievalImageDataset:
-        """A torch ``Dataset`` over the unique images, in index order."""
-        return RetrievalImageDataset(self.image_paths, load_images=load_images, transform=transform)
+    def image_dataset(self) -> Any:
+        """A ``datasets.Dataset`` over the unique images, in index order: columns ``image`` (path) and ``index``.
+
+        Example:
+            >>> RetrievalEvalIndex.from_records([RetrievalRecord("a.png", ("x",), 0)]).image_dataset()[0]
+            {'image': 'a.png', 'index': 0}
+        """
+        import datasets
+
+        return datasets.Dataset.from_dict({"image": self.image_paths, "index": list(range(self.num_images))})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -479,6 +623,7 @@ def load_imagefolder(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     keep_in_memory: bool | None = None,
+    decode_images: bool = True,
 ) -> ImageFolderData:
     """Load an ImageNet-style folder (``root/train/CLASS/*``, ``root/val/CLASS/*``) with Hugging Face ``datasets``.
 
@@ -487,7 +632,8 @@ def load_imagefolder(
     split folder, a class folder with no images or a validation class unknown to training raises a ``ValueError``
     or ``FileNotFoundError`` naming the folder. Loading goes through the packaged ``imagefolder`` builder with
     explicit per-split file lists, which never touches the network (the packaged builder needs no download);
-    ``cache_dir`` is where ``datasets`` keeps its Arrow cache.
+    ``cache_dir`` is where ``datasets`` keeps its Arrow cache. With ``decode_images=False`` the ``image`` column
+    holds ``{"path", "bytes"}`` (``datasets.Image(decode=False)``), for :func:`open_image` / :class:`ImageRowDecoder`.
 
     Example:
         >>> import tempfile
@@ -526,7 +672,9 @@ def load_imagefolder(
         "train": [str(p) for files in train_classes.values() for p in files],
         "validation": [str(p) for files in val_classes.values() for p in files],
     }
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=class_names)})
+    features = datasets.Features(
+        {"image": datasets.Image(decode=decode_images), "label": datasets.ClassLabel(names=class_names)}
+    )
     dataset = datasets.load_dataset(
         "imagefolder",
         data_files=data_files,

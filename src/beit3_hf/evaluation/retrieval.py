@@ -225,6 +225,12 @@ def retrieval_recall_from_embeddings(
     return recall_from_ranks(text_ranks, image_ranks, ks)
 
 
+def _embeddings(output: Any) -> torch.Tensor:
+    """The embedding tensor of `get_image_features` / `get_text_features`: the tensor itself, or the
+    `pooler_output` of the output object that transformers 5-style models return."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
 @torch.no_grad()
 def evaluate_retrieval(
     model: torch.nn.Module,
@@ -233,35 +239,42 @@ def evaluate_retrieval(
     *,
     batch_size: int = 64,
     accelerator: Any = None,
+    num_workers: int = 0,
 ) -> dict[str, float]:
     """TR@1/5/10, IR@1/5/10 and their mean of a retrieval model, encoding every image and every caption once.
 
-    `model` is a `Beit3ForImageTextRetrieval` (anything with `get_image_features` / `get_text_features`), `processor`
-    its `Beit3Processor`, `index` the evaluation set (:class:`beit3_hf.data.RetrievalEvalIndex`). With an
-    `accelerate.Accelerator`, each process encodes its share and the embeddings are gathered. The original encodes
+    `model` is a `Beit3ForImageTextRetrieval` (anything with `get_image_features` / `get_text_features`, returning
+    the L2-normalised embeddings or an output whose `pooler_output` they are), `processor` its `Beit3Processor`,
+    `index` the evaluation set (:class:`beit3_hf.data.RetrievalEvalIndex`). With an `accelerate.Accelerator`, each
+    process encodes its share and the embeddings are gathered. `num_workers` data-loader processes decode the
+    images; an image that cannot be decoded stops the evaluation with an error naming its file. The original encodes
     each image once per caption; this encodes it once.
     """
+    from ..data.loaders import open_image
+
     model.eval()
     device = next(model.parameters()).device
 
-    def encode(dataset: Sequence[Any], collate, embed) -> torch.Tensor:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    def encode(dataset: Any, collate: Any, embed: Any, workers: int) -> torch.Tensor:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
         if accelerator is not None:
             loader = accelerator.prepare_data_loader(loader)
         chunks = []
         for batch in loader:
-            embeds = embed({key: value.to(device) for key, value in batch.items()})
+            embeds = _embeddings(embed({key: value.to(device) for key, value in batch.items()}))
             chunks.append(accelerator.gather_for_metrics(embeds) if accelerator is not None else embeds)
         return torch.cat(chunks).float().cpu()
 
     image_embeds = encode(
         index.image_dataset(),
-        lambda items: processor(images=[item["image"] for item in items], return_tensors="pt"),
+        lambda rows: processor(images=[open_image(row["image"]) for row in rows], return_tensors="pt"),
         lambda batch: model.get_image_features(batch["pixel_values"]),
+        num_workers,
     )
     text_embeds = encode(
         index.captions,
         lambda captions: processor(text=list(captions), return_tensors="pt"),
         lambda batch: model.get_text_features(batch["input_ids"], batch["attention_mask"]),
+        0,
     )
     return retrieval_recall_from_embeddings(image_embeds, text_embeds, index.text_to_image)

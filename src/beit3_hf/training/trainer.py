@@ -4,14 +4,18 @@
   exclusions (`beit3/optim_factory.py`).
 - `global_contrastive_loss`: the image-text contrastive loss over the global batch of all processes (features
   gathered with gradients), as the original `ClipLoss` with `world_size > 1`.
-- `Beit3Trainer`: a `Trainer` that uses both.
-- `load_config`: a preset name or a config folder / repo, plus "key=value,..." overrides, for the example scripts.
+- `Beit3Trainer`: a `Trainer` that uses both, honours `--optim`, and reports the training images it had to skip.
+
+`load_config` (re-exported here) and the rest of what the example scripts share live in `beit3_hf.training.scripts`.
 
 Not remote code: the model files never import this module.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import re
 from typing import Any
 
@@ -19,26 +23,24 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig, Trainer
+from transformers import Trainer, TrainerCallback
 
-from ..models.beit3.configuration_beit3 import BEIT3_PRESETS, Beit3Config
+from .scripts import load_config, write_json
 
+__all__ = [
+    "SKIPPED_IMAGES_NAME",
+    "Beit3Trainer",
+    "gather_with_grad",
+    "global_contrastive_loss",
+    "layer_decay_parameter_groups",
+    "load_config",
+    "parameter_layer_id",
+]
 
-def load_config(name_or_path: str, overrides: str | None = None, **from_pretrained_kwargs: Any) -> PretrainedConfig:
-    """A preset (`"beit3-base-patch16-224"`, see `BEIT3_PRESETS`) or a config folder / Hub repo, then `overrides`.
+logger = logging.getLogger(__name__)
 
-    `overrides` is `config.update_from_string`'s "hidden_size=128,num_hidden_layers=4" form; the result is validated
-    again. `from_pretrained_kwargs` go to `AutoConfig.from_pretrained` (`trust_remote_code`, `revision`, ...).
-    """
-    if name_or_path in BEIT3_PRESETS:
-        config = Beit3Config.from_preset(name_or_path)
-    else:
-        config = AutoConfig.from_pretrained(name_or_path, **from_pretrained_kwargs)
-    if overrides:
-        config.update_from_string(overrides)
-        if hasattr(config, "validate_architecture"):  # a Beit3Config, from this package or from a folder's code
-            config.validate_architecture()
-    return config
+#: The report of undecodable training images that were replaced, written into `output_dir`.
+SKIPPED_IMAGES_NAME = "skipped_images.json"
 
 
 # Parameters without weight decay besides every 1-D tensor (biases, norms): tokens and position tables.
@@ -109,32 +111,85 @@ def global_contrastive_loss(
     return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
 
 
+def _builds_own_parameter_groups(optimizer_cls: Any, optimizer_kwargs: dict[str, Any]) -> bool:
+    """Whether `--optim` makes its own parameter groups (GaLore, LOMO, layer-wise or factory optimizers)."""
+    from transformers.trainer_optimizer import is_optimizer_factory
+
+    return is_optimizer_factory(optimizer_cls) or any(
+        k in optimizer_kwargs for k in ("params", "model", "optimizer_dict")
+    )
+
+
+class _SkippedImagesReport(TrainerCallback):
+    """Writes `Beit3Trainer`'s record of skipped training images at each checkpoint and at the end of training."""
+
+    def __init__(self, trainer: Beit3Trainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._start_skipped_images_record(state.global_step)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.write_skipped_images_report()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        records = self.trainer.write_skipped_images_report()
+        if records:
+            logger.warning(
+                "%d undecodable training images were replaced by other examples; the list is in %s.",
+                len(records),
+                os.path.join(args.output_dir, SKIPPED_IMAGES_NAME),
+            )
+
+
 class Beit3Trainer(Trainer):
-    """`Trainer` with the original recipe's layer-wise learning-rate decay and, for image-text retrieval models,
-    the contrastive loss over the global batch of all processes.
+    """`Trainer` with the original recipe's layer-wise learning-rate decay, the image-text contrastive loss over the
+    global batch of all processes, and a report of the training images that could not be decoded.
 
     Args:
         layer_decay: the learning rate of layer i is `learning_rate * layer_decay ** (num_layers + 1 - (i + 1))`.
-        global_contrastive: for `Beit3ForImageTextRetrieval`, gather the features of every process into the loss.
+            The groups go to the optimizer `--optim` names (AdamW by default, Adafactor, SGD, ...).
+        global_contrastive: the model is an image-text contrastive model (its output has `image_embeds`,
+            `text_embeds` and `logit_scale`, as `Beit3ForImageTextRetrieval`'s): gather the features of every
+            process into the loss. False: the model's own loss.
+
+    Training batches may carry a `skipped_images` list (see `beit3_hf.data.ImageRowDecoder`): it is
+    taken out before the forward pass, logged, and written to `OUTPUT_DIR/skipped_images.json` at every checkpoint
+    and at the end of training (`skipped_images` holds the records of all processes).
     """
 
-    def __init__(self, *args: Any, layer_decay: float = 1.0, global_contrastive: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, layer_decay: float = 1.0, global_contrastive: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.layer_decay = layer_decay
         self.global_contrastive = global_contrastive
+        self._skipped_before: list[dict[str, Any]] = []  # from the report of the run this one resumes
+        self._skipped_local: list[dict[str, Any]] = []  # this process, this run
+        self.add_callback(_SkippedImagesReport(self))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        if self.optimizer is None:
-            model = self.model if model is None else model
-            groups = layer_decay_parameter_groups(
-                model, self.args.learning_rate, self.args.weight_decay, self.layer_decay
+        """The `--optim` optimizer (`Trainer.get_optimizer_cls_and_kwargs`) over the layer-decay groups of
+        `layer_decay_parameter_groups`; each group keeps its own learning rate and weight decay."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if _builds_own_parameter_groups(optimizer_cls, optimizer_kwargs):
+            if self.layer_decay != 1.0:
+                raise ValueError(
+                    f"--optim {self.args.optim} builds its own parameter groups and cannot apply the layer-wise "
+                    f"learning-rate decay (--layer_decay {self.layer_decay}): pass --layer_decay 1.0 or another --optim."
+                )
+            logger.warning(
+                "--optim %s builds its own parameter groups: Trainer's weight-decay rules apply.", self.args.optim
             )
-            self.optimizer = torch.optim.AdamW(
-                groups,
-                lr=self.args.learning_rate,
-                betas=(self.args.adam_beta1, self.args.adam_beta2),
-                eps=self.args.adam_epsilon,
-            )
+            return super().create_optimizer(model)
+        groups = layer_decay_parameter_groups(
+            opt_model, self.args.learning_rate, self.args.weight_decay, self.layer_decay
+        )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
     def compute_loss(
@@ -144,11 +199,58 @@ class Beit3Trainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | None = None,
     ):
-        if not (self.global_contrastive and hasattr(self.accelerator.unwrap_model(model), "logit_scale")):
+        if not self.global_contrastive:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = {key: value for key, value in inputs.items() if key != "return_loss"}
         outputs = model(**inputs)
+        missing = [name for name in ("image_embeds", "text_embeds", "logit_scale") if outputs.get(name) is None]
+        if missing:
+            raise ValueError(
+                f"global_contrastive=True needs an image-text contrastive model whose output has image_embeds, "
+                f"text_embeds and logit_scale; {type(self.accelerator.unwrap_model(model)).__name__} gave no {missing}."
+            )
         # The scale comes out of the (DDP-wrapped) forward, so its gradient is reduced like every other one.
         loss = global_contrastive_loss(outputs.image_embeds, outputs.text_embeds, outputs.logit_scale)
         outputs["loss"] = loss
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        for record in inputs.pop("skipped_images", None) or []:
+            self._skipped_local.append(
+                {**record, "step": self.state.global_step + 1, "process": self.args.process_index}
+            )
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    # ---- skipped images ------------------------------------------------------------------------------------------
+
+    def _start_skipped_images_record(self, global_step: int) -> None:
+        """Start this run's record; a resumed run keeps the records of the steps its checkpoint covers (the later
+        ones will be met again)."""
+        self._skipped_local = []
+        self._skipped_before = []
+        report = os.path.join(self.args.output_dir, SKIPPED_IMAGES_NAME)
+        if global_step > 0 and os.path.isfile(report):
+            with open(report, encoding="utf-8") as f:
+                records = json.load(f).get("images", [])
+            self._skipped_before = [r for r in records if int(r.get("step", 0)) <= global_step]
+
+    @property
+    def skipped_images(self) -> list[dict[str, Any]]:
+        """Every skipped training image so far, of all processes (call it on every process: it gathers)."""
+        from accelerate.utils import gather_object
+
+        gathered = gather_object(self._skipped_local) if self.args.world_size > 1 else list(self._skipped_local)
+        return self._skipped_before + sorted(gathered, key=lambda r: (r["step"], r["process"]))
+
+    def write_skipped_images_report(self) -> list[dict[str, Any]]:
+        """Write `OUTPUT_DIR/skipped_images.json` when an image was skipped; returns the records (every process)."""
+        records = self.skipped_images
+        if records and self.args.should_save:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            write_json(
+                os.path.join(self.args.output_dir, SKIPPED_IMAGES_NAME),
+                {"count": len(records), "files": sorted({r["file"] for r in records}), "images": records},
+            )
+        return records

@@ -57,6 +57,8 @@ def _register() -> None:
     AutoModelForZeroShotImageClassification.register(Beit3Config, Beit3ForImageTextRetrieval, exist_ok=True)
     AutoModelForVisualQuestionAnswering.register(Beit3Config, Beit3ForVisualQuestionAnswering, exist_ok=True)
     AutoModelForImageTextToText.register(Beit3Config, Beit3ForCaptioning, exist_ok=True)
+    # One exact (Pillow) image processor. AutoImageProcessor resolves backend=None to "torchvision" whenever
+    # torchvision is installed, so both keys name it; a "pil"-only entry logs a fallback warning on every load.
     AutoImageProcessor.register(
         Beit3Config,
         image_processor_classes={"torchvision": Beit3ImageProcessor, "pil": Beit3ImageProcessor},

@@ -17,62 +17,46 @@ Two tasks, two transforms (``task=`` picks the preset; every field stays overrid
 
 after ``PIL.Image.convert("RGB")``, as the original's ``torchvision.datasets.folder.pil_loader`` does.
 
-Exactness: 8-bit images on the CPU (PIL images of any mode, uint8 arrays and tensors) are resized and cropped with
-Pillow, which is what ``torchvision.transforms`` does on PIL images, and converted with ``ToTensor``'s and
-``Normalize``'s float32 arithmetic, so ``pixel_values`` equal the original's bit for bit. Tensors already on a GPU and
-float arrays are resized with torchvision's antialiased bicubic tensor kernel instead: close to Pillow on average
-(under one grey level) but not identical (Pillow rounds and clips between its two passes, whose order it picks
-itself; up to ~20 grey levels apart at hard edges).
+The processor is transformers' ``PilBackend`` (Pillow resize) with the presets as class attributes, and equals the
+original bit for bit: torchvision resizes PIL images with Pillow too. Its overrides keep it so: ``process_image``
+converts with ``convert("RGB")``, which drops alpha (transformers 5.24 composites it onto white) and clips 16-bit
+values as the original did (with a warning); ``center_crop`` rounds the offset half to even as torchvision does
+(transformers floors it); ``rescale`` and ``normalize`` are ``ToTensor``'s and ``Normalize``'s float32 arithmetic, in
+torch (numpy's float64 path gives the same values, 1.6x slower per image). There is no torchvision-backend variant on
+purpose: ``AutoImageProcessor`` picks the class registered as ``"torchvision"`` by default whenever torchvision is
+installed, and a torchvision resize only approximates Pillow's.
 
-Speed: the images of one call are decoded, converted and resized in a thread pool (Pillow releases the GIL), with
-``torch.get_num_threads()`` threads by default, which is 1 inside ``DataLoader`` workers.
-
-This file is remote code: it is copied into checkpoints and imports only torch, torchvision, PIL, numpy and
-transformers.
+This file is remote code: it is copied into checkpoints and imports only torch and transformers.
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
-from torchvision.transforms.v2 import functional as tvF
-from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import ChannelDimension, PILImageResampling, SizeDict
-from transformers.processing_utils import ImagesKwargs
-from transformers.utils import TensorType, logging
-
-try:
-    from transformers.image_processing_backends import TorchvisionBackend
-except ImportError:  # older transformers 5 releases name the torchvision backend only by its legacy alias
-    from transformers.image_processing_utils_fast import BaseImageProcessorFast as TorchvisionBackend
+from transformers.image_processing_backends import PilBackend
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    ChannelDimension,
+    PILImageResampling,
+    SizeDict,
+    is_pil_image,
+    is_valid_image,
+    load_image,
+    to_numpy_array,
+)
+from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["Beit3ImageProcessor"]
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
-IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
-
 TASKS = ("vision-language", "image-classification")
 DEFAULT_IMAGE_SIZE = 224
-
-_TV_INTERPOLATION = {
-    PILImageResampling.NEAREST: tvF.InterpolationMode.NEAREST,
-    PILImageResampling.BILINEAR: tvF.InterpolationMode.BILINEAR,
-    PILImageResampling.BICUBIC: tvF.InterpolationMode.BICUBIC,
-    PILImageResampling.LANCZOS: tvF.InterpolationMode.LANCZOS,
-    PILImageResampling.BOX: tvF.InterpolationMode.BOX,
-    PILImageResampling.HAMMING: tvF.InterpolationMode.HAMMING,
-}
-_PIL_8BIT_MODES = ("RGB", "L")
 
 
 def task_defaults(task: str, image_size: int) -> dict[str, Any]:
@@ -82,160 +66,84 @@ def task_defaults(task: str, image_size: int) -> dict[str, Any]:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}.")
     if task == "vision-language":
-        return {
-            "size": {"height": image_size, "width": image_size},
-            "do_center_crop": False,
-            "crop_size": None,
-            "image_mean": list(IMAGENET_INCEPTION_MEAN),
-            "image_std": list(IMAGENET_INCEPTION_STD),
-        }
+        square = {"height": image_size, "width": image_size}
+        return {"size": square, "do_center_crop": False, "crop_size": None}
     return {
         "size": {"shortest_edge": image_size},
         "do_center_crop": True,
         "crop_size": {"height": image_size, "width": image_size},
-        "image_mean": list(IMAGENET_DEFAULT_MEAN),
-        "image_std": list(IMAGENET_DEFAULT_STD),
+        "image_mean": IMAGENET_DEFAULT_MEAN,
+        "image_std": IMAGENET_DEFAULT_STD,
     }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Inputs
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode a local image file; failures raise an error that names the file.
-
-    Like the original ``pil_loader``, no EXIF rotation is applied, and a truncated file is an error unless
-    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is set.
-    """
-    path = os.fspath(path)
-    if "://" in path:
-        raise ValueError(f"Image {path!r} looks like a URL; Beit3ImageProcessor reads local files only.")
-    try:
-        with open(path, "rb") as handle:
-            image = Image.open(handle)
-            image.load()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Image file not found: {path!r}.") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"Cannot read image file {path!r}: {error}") from None
-    return image
 
 
 def _describe(value: Any) -> str:
     """How an input is named in error messages (also used by `processing_beit3`)."""
-    if isinstance(value, (np.ndarray, torch.Tensor)):
+    if hasattr(value, "shape"):
         return f"{type(value).__name__} of shape {tuple(value.shape)}"
     if isinstance(value, (list, tuple)):
         return f"{type(value).__name__} of length {len(value)}"
     return type(value).__name__
 
 
-def flatten_images(images: Any, where: str = "images") -> list[Any]:
-    """A flat list of single images (PIL images, paths, 3-D arrays or tensors); errors name the bad entry.
-
-    Accepts one image, a rank-4 batch, or (nested) lists of those. Paths are checked later, when they are read.
-    """
-    if isinstance(images, (str, os.PathLike, Image.Image)):
-        return [images]
-    if isinstance(images, (np.ndarray, torch.Tensor)):
-        if images.ndim == 3:
-            return [images]
-        if images.ndim == 4:
-            if images.shape[0] == 0:
-                raise ValueError(f"{where} is an empty batch of shape {tuple(images.shape)}.")
-            return list(images)
-        hint = "; add a channel axis ((H, W, 1)) or pass a PIL image" if images.ndim == 2 else ""
-        raise ValueError(
-            f"{where} has rank {images.ndim} (shape {tuple(images.shape)}); expected one image of rank 3 "
-            f"((H, W, C) or (C, H, W)) or a batch of rank 4{hint}."
-        )
-    if isinstance(images, (list, tuple)):
-        if len(images) == 0:
-            raise ValueError(f"{where} is empty; pass at least one image.")
-        flat = []
-        for index, item in enumerate(images):
-            flat.extend(flatten_images(item, f"{where}[{index}]"))
-        return flat
-    raise TypeError(
-        f"{where} is a {_describe(images)}; expected a PIL image, a numpy array, a torch tensor, the path of a local "
-        "image file, or a list of those."
-    )
-
-
-def _channel_axis(image: torch.Tensor, input_data_format: Any, from_numpy: bool) -> int:
+def _channel_axis(shape: tuple[int, ...], input_data_format: Any, channels_last_if_ambiguous: bool) -> int:
+    """0 or 2: the channel axis of a rank-3 image (C in 1-4; arrays default to HWC, tensors to CHW if ambiguous)."""
     if input_data_format is not None:
         return 0 if ChannelDimension(input_data_format) == ChannelDimension.FIRST else 2
-    first, last = image.shape[0] in (1, 2, 3, 4), image.shape[-1] in (1, 2, 3, 4)
-    if first and last:  # tiny ambiguous image: arrays are HWC by convention (as from PIL), tensors CHW
-        return 2 if from_numpy else 0
+    first, last = shape[0] in (1, 2, 3, 4), shape[-1] in (1, 2, 3, 4)
+    if first and last:
+        return 2 if channels_last_if_ambiguous else 0
     if first or last:
         return 0 if first else 2
     raise ValueError(
-        f"Cannot find the channel axis of an image of shape {tuple(image.shape)}: expected (H, W, C) or (C, H, W) "
-        "with C = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA)."
+        f"Cannot find the channel axis of an image of shape {shape}: expected (H, W, C) or (C, H, W) with C = 1 (L), "
+        "2 (LA), 3 (RGB) or 4 (RGBA)."
     )
 
 
-def _array_to_chw(image: np.ndarray | torch.Tensor, input_data_format: Any, do_convert_rgb: bool) -> torch.Tensor:
-    """An array image as a (C, H, W) tensor; with ``do_convert_rgb``, 1, 2 and 4 channels become RGB like PIL's
-    ``convert("RGB")`` of an L, LA or RGBA image (grey replicated, alpha dropped)."""
-    from_numpy = isinstance(image, np.ndarray)
-    tensor = torch.from_numpy(np.ascontiguousarray(image)) if from_numpy else image
-    if tensor.dtype == torch.bool or tensor.is_complex():
-        raise TypeError(f"Unsupported image dtype {tensor.dtype}; expected uint8 (0-255) or a float or integer type.")
-    if _channel_axis(tensor, input_data_format, from_numpy) == 2:
-        tensor = tensor.permute(2, 0, 1)
-    if do_convert_rgb:
-        if tensor.shape[0] in (1, 2):
-            tensor = tensor[:1].expand(3, -1, -1)
-        elif tensor.shape[0] == 4:
-            tensor = tensor[:3]
-    return tensor
+def _check_images(images: Any, where: str, input_data_format: Any, do_rescale: bool) -> None:
+    """Errors that name the bad entry, for inputs transformers would reject vaguely or convert wrongly."""
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError(f"{where} is empty; pass at least one image.")
+        for index, item in enumerate(images):
+            _check_images(item, f"{where}[{index}]", input_data_format, do_rescale)
+    elif is_pil_image(images):
+        if images.width == 0 or images.height == 0:
+            raise ValueError(f"{where} is an empty image ({images.width}x{images.height} pixels).")
+    elif is_valid_image(images):  # a numpy array or a torch tensor
+        shape = tuple(images.shape)
+        if len(shape) not in (3, 4):
+            hint = "; add a channel axis ((H, W, 1)) or pass a PIL image" if len(shape) == 2 else ""
+            raise ValueError(
+                f"{where} has rank {len(shape)} (shape {shape}); expected one image of rank 3 ((H, W, C) or "
+                f"(C, H, W)) or a batch of rank 4{hint}."
+            )
+        _channel_axis(shape[-3:], input_data_format, not isinstance(images, torch.Tensor))
+        if 0 in shape:
+            raise ValueError(f"{where} is empty (shape {shape}); pass images of at least 1x1 pixels.")
+        dtype = str(images.dtype).removeprefix("torch.")
+        if dtype == "bool" or dtype.startswith("complex"):
+            raise TypeError(f"{where} has dtype {dtype}; expected uint8 (0-255) or another integer or float type.")
+        low, high = (0.0, 0.0) if dtype == "uint8" else (float(images.min()), float(images.max()))
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"{where} ({dtype}) has values in [{low:g}, {high:g}]; images are read on the 0-255 scale of 8-bit "
+                "images, as the original's: scale them first (16-bit data: divide by 257 and round)."
+            )
+        if do_rescale and dtype.startswith("float") and high <= 1:
+            logger.warning_once(
+                "Beit3ImageProcessor got float images with values in [0, 1] and do_rescale=True; arrays are read "
+                "on the 0-255 scale. Pass do_rescale=False if they are already rescaled."
+            )
+    elif not isinstance(images, (str, os.PathLike)):
+        raise TypeError(
+            f"{where} is a {_describe(images)}; expected a PIL image, a numpy array, a torch tensor, the path of a "
+            "local image file, or a list of those."
+        )
 
 
-def resize_output_size(height: int, width: int, size: SizeDict) -> tuple[int, int]:
-    """(height, width) produced by ``torchvision.transforms.Resize`` with an ``(h, w)`` or a short-side size."""
-    if size.height and size.width:
-        return size.height, size.width
-    if size.shortest_edge:
-        short, long = (width, height) if width <= height else (height, width)
-        new_short, new_long = size.shortest_edge, int(size.shortest_edge * long / short)
-        if size.longest_edge and new_long > size.longest_edge:
-            new_short, new_long = int(size.longest_edge * new_short / new_long), size.longest_edge
-        return (new_long, new_short) if width <= height else (new_short, new_long)
-    raise ValueError(f"size must have 'height' and 'width', or 'shortest_edge'; got {dict(size)}.")
-
-
-def _pil_center_crop(image: Image.Image, crop: SizeDict) -> Image.Image:
-    """``torchvision.transforms.functional.center_crop`` on a PIL image (zero padding, round-half-even anchor)."""
-    if crop.height > image.height or crop.width > image.width:
-        pad_w, pad_h = max(crop.width - image.width, 0), max(crop.height - image.height, 0)
-        canvas = Image.new(image.mode, (image.width + pad_w, image.height + pad_h), 0)
-        canvas.paste(image, (pad_w // 2, pad_h // 2))
-        image = canvas
-    top = round((image.height - crop.height) / 2.0)
-    left = round((image.width - crop.width) / 2.0)
-    return image.crop((left, top, left + crop.width, top + crop.height))
-
-
-class Beit3ImagesKwargs(ImagesKwargs, total=False):
-    """Per-call options of :class:`Beit3ImageProcessor` beyond the standard image-processor ones.
-
-    num_threads (`int`, *optional*): threads that decode, convert and resize the images of one call; defaults to
-        ``torch.get_num_threads()``.
-    """
-
-    num_threads: int | None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The processor
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class Beit3ImageProcessor(TorchvisionBackend):
+class Beit3ImageProcessor(PilBackend):
     r"""BEiT-3 image processor: the original evaluation transforms, exactly.
 
     Args:
@@ -248,9 +156,10 @@ class Beit3ImageProcessor(TorchvisionBackend):
             ``image_mean``, ``image_std``, ``do_rescale``, ``do_normalize``, ``do_convert_rgb``) overriding the preset.
 
     Accepts PIL images of any mode (converted with ``Image.convert("RGB")`` like the original loader), numpy arrays
-    and torch tensors ((H, W, C) or (C, H, W) with C in 1-4, or rank-4 batches), paths of local image files, and lists
-    of those. Arrays are read on the 0-255 scale whatever their dtype (pass ``do_rescale=False`` for 0-1 floats).
-    Per call: the standard options, ``device`` (normalize there) and ``num_threads``.
+    and torch tensors on any device ((H, W, C) or (C, H, W) with C in 1-4, or rank-4 batches), paths of local image
+    files (read with transformers' ``load_image``, which also applies the EXIF orientation, unlike the original's
+    loader), and lists of those. Arrays hold values on the 0-255 scale whatever their dtype (pass ``do_rescale=False``
+    for 0-1 floats); like the original's, the resize runs in Pillow on 8-bit images. ``pixel_values`` are on the CPU.
 
     Example:
         >>> from PIL import Image
@@ -262,19 +171,15 @@ class Beit3ImageProcessor(TorchvisionBackend):
         torch.Size([2, 3, 224, 224])
     """
 
-    valid_kwargs = Beit3ImagesKwargs
     resample = PILImageResampling.BICUBIC
     size = {"height": DEFAULT_IMAGE_SIZE, "width": DEFAULT_IMAGE_SIZE}
     do_resize = True
     do_center_crop = False
-    crop_size = None
     do_rescale = True
     do_normalize = True
-    image_mean = IMAGENET_INCEPTION_MEAN
-    image_std = IMAGENET_INCEPTION_STD
+    image_mean = IMAGENET_STANDARD_MEAN
+    image_std = IMAGENET_STANDARD_STD
     do_convert_rgb = True
-    num_threads = None
-    model_input_names = ["pixel_values"]
 
     def __init__(self, task: str = "vision-language", image_size: int | None = None, **kwargs: Any) -> None:
         if image_size is not None and ("size" in kwargs or "crop_size" in kwargs):
@@ -284,144 +189,72 @@ class Beit3ImageProcessor(TorchvisionBackend):
         super().__init__(**kwargs)
         self.task = task
 
-    # -- input structure ----------------------------------------------------------------------------------------
+    def preprocess(self, images: Any, *args: Any, **kwargs: Any) -> Any:
+        """Check the inputs (errors name the bad entry), then run transformers' pipeline."""
+        do_rescale = kwargs.get("do_rescale", self.do_rescale)
+        _check_images(images, "images", kwargs.get("input_data_format"), do_rescale)
+        return super().preprocess(images, *args, **kwargs)
 
     def fetch_images(self, image_url_or_urls: Any) -> Any:
-        """Read local image paths (possibly nested in lists); other inputs pass through."""
+        """Read local image files (paths, possibly nested in lists); failures raise an error that names the file."""
         if isinstance(image_url_or_urls, (list, tuple)):
             return [self.fetch_images(item) for item in image_url_or_urls]
-        if isinstance(image_url_or_urls, (str, os.PathLike)):
-            return load_image(image_url_or_urls)
-        return image_url_or_urls
+        if not isinstance(image_url_or_urls, (str, os.PathLike)):
+            return image_url_or_urls
+        path = os.fspath(image_url_or_urls)
+        if "://" in path:
+            raise ValueError(f"Image {path!r} looks like a URL; Beit3ImageProcessor reads local files only.")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Image file not found: {path!r}.")
+        try:
+            return load_image(path)
+        except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError or DecompressionBombError
+            raise ValueError(f"Cannot read image file {path!r}: {error}") from error
 
-    def _prepare_images_structure(self, images: Any, expected_ndims: int = 3) -> list[Any]:
-        return flatten_images(images)
+    def process_image(
+        self, image: Any, do_convert_rgb: bool | None = None, input_data_format: Any = None, **kwargs: Any
+    ) -> Any:
+        """One image as a (C, H, W) numpy array, RGB as the original's ``convert("RGB")`` makes it.
 
-    def _prepare_image_like_inputs(
-        self, images: Any, *args: Any, expected_ndims: int = 3, **kwargs: Any
-    ) -> list[torch.Tensor]:
-        """Read, convert, resize and crop every image (in a thread pool): a list of (C, H, W) tensors."""
-        images = self._prepare_images_structure(images, expected_ndims=expected_ndims)
-        # Each distinct input is processed once, by one thread (a PIL image is not safe to decode from two threads).
-        keys = [("path", os.fspath(im)) if isinstance(im, (str, os.PathLike)) else id(im) for im in images]
-        unique = list(dict(zip(keys, images)).items())
-        work = partial(self._resize_and_crop, **kwargs)
-        threads = kwargs.get("num_threads") or torch.get_num_threads()
-        threads = max(1, min(int(threads), len(unique), 32))
-        if threads == 1:
-            results = [work(image) for _, image in unique]
-        else:
-            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="beit3-image") as pool:
-                results = list(pool.map(work, [image for _, image in unique]))
-        done = {key: result for (key, _), result in zip(unique, results)}
-        return [done[key] for key in keys]
+        1 and 2 channels (L, LA) become grey RGB and a 4th channel (alpha) is dropped, as ``convert("RGB")`` does.
+        """
+        if is_pil_image(image):
+            if do_convert_rgb and image.mode != "RGB":
+                if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+                    low, high = image.getextrema()
+                    if low < 0 or high > 255:
+                        logger.warning_once(
+                            f"A {image.mode!r} PIL image with values outside 0-255 is clipped by convert('RGB'), as "
+                            "in the original BEiT-3 loader; scale it to 8 bits first to keep its contrast."
+                        )
+                image = image.convert("RGB")
+            array = to_numpy_array(image)
+            return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        array = to_numpy_array(image)  # tensors: moved to the CPU
+        if _channel_axis(array.shape, input_data_format, not isinstance(image, torch.Tensor)) == 2:
+            array = array.transpose(2, 0, 1)
+        if do_convert_rgb and array.shape[0] != 3:
+            array = array[:3] if array.shape[0] == 4 else array[:1].repeat(3, axis=0)
+        if array.dtype.kind == "f" and kwargs.get("do_rescale") and kwargs.get("do_resize"):
+            array = array.round().astype("uint8")  # Pillow resizes 8-bit images (transformers would reject 0.5)
+        return array
 
-    # -- one image ----------------------------------------------------------------------------------------------
+    def rescale(self, image: Any, scale: float, **kwargs: Any) -> Any:
+        """``ToTensor``'s float32 ``x / 255`` (``1 / scale``), in torch: the original's values, faster than numpy."""
+        image = torch.from_numpy(image).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        return image.div_(1 / scale).numpy()
 
-    def _resize_and_crop(
-        self,
-        image: Any,
-        do_convert_rgb: bool | None = None,
-        do_resize: bool | None = None,
-        size: SizeDict | None = None,
-        resample: Any = None,
-        do_center_crop: bool | None = None,
-        crop_size: SizeDict | None = None,
-        do_rescale: bool | None = None,
-        input_data_format: Any = None,
-        device: Any = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        if isinstance(image, (str, os.PathLike)):
-            image = load_image(image)
-        if not isinstance(image, Image.Image):
-            tensor = _array_to_chw(image, input_data_format, bool(do_convert_rgb))
-            if tensor.dtype != torch.uint8 or tensor.device.type != "cpu" or tensor.shape[0] not in (1, 3):
-                return self._resize_and_crop_tensor(
-                    tensor, do_resize, size, resample, do_center_crop, crop_size, do_rescale
-                )
-            array = tensor.permute(1, 2, 0).numpy()
-            image = Image.fromarray(np.ascontiguousarray(array[..., 0] if array.shape[-1] == 1 else array))
-        if do_convert_rgb and image.mode != "RGB":
-            image = image.convert("RGB")
-        if image.mode not in _PIL_8BIT_MODES:  # do_convert_rgb=False on a 16-bit, float or alpha image
-            array = np.array(image)
-            tensor = torch.from_numpy(array[..., None] if array.ndim == 2 else array).permute(2, 0, 1)
-            return self._resize_and_crop_tensor(
-                tensor, do_resize, size, resample, do_center_crop, crop_size, do_rescale
-            )
-        if do_resize:
-            height, width = resize_output_size(image.height, image.width, size)
-            image = image.resize((width, height), PILImageResampling(resample))
-        if do_center_crop:
-            image = _pil_center_crop(image, crop_size)
-        array = np.array(image)
-        return torch.from_numpy(array[..., None] if array.ndim == 2 else array).permute(2, 0, 1)
+    def normalize(self, image: Any, mean: Any, std: Any, **kwargs: Any) -> Any:
+        """``Normalize``'s float32 ``(x - mean) / std`` per channel, in torch."""
+        image = torch.from_numpy(image).to(torch.float32, memory_format=torch.contiguous_format)
+        mean, std = (torch.tensor(v, dtype=torch.float32).reshape(-1, 1, 1) for v in (mean, std))
+        return image.sub(mean).div_(std).numpy()
 
-    def _resize_and_crop_tensor(
-        self,
-        tensor: torch.Tensor,
-        do_resize: bool | None,
-        size: SizeDict | None,
-        resample: Any,
-        do_center_crop: bool | None,
-        crop_size: SizeDict | None,
-        do_rescale: bool | None,
-    ) -> torch.Tensor:
-        """torchvision tensor path: GPU tensors and non-8-bit data (antialiased, close to but not exactly Pillow)."""
-        if tensor.dtype != torch.uint8:
-            tensor = tensor.float()
-            if do_rescale and tensor.numel() and float(tensor.max()) <= 1.0:
-                logger.warning_once(
-                    "Beit3ImageProcessor got float images with values in [0, 1] and do_rescale=True; arrays are read "
-                    "on the 0-255 scale. Pass do_rescale=False if they are already rescaled."
-                )
-        if do_resize:
-            new_size = list(resize_output_size(tensor.shape[-2], tensor.shape[-1], size))
-            interpolation = _TV_INTERPOLATION[PILImageResampling(resample)]
-            tensor = tvF.resize(tensor, new_size, interpolation=interpolation, antialias=True)
-        if do_center_crop:
-            tensor = tvF.center_crop(tensor, [crop_size.height, crop_size.width])
-        return tensor
-
-    # -- the batch ----------------------------------------------------------------------------------------------
-
-    def _preprocess(
-        self,
-        images: list[torch.Tensor],
-        do_rescale: bool,
-        rescale_factor: float,
-        do_normalize: bool,
-        image_mean: float | list[float] | None,
-        image_std: float | list[float] | None,
-        return_tensors: str | TensorType | None,
-        device: Any = None,
-        **kwargs: Any,
-    ) -> BatchFeature:
-        """``ToTensor`` + ``Normalize`` arithmetic (divide by 255, subtract mean, divide by std, in float32)."""
-        same_shape = len({(tuple(image.shape), image.device) for image in images}) == 1
-        if not same_shape and return_tensors is not None:
-            shapes = sorted({tuple(image.shape) for image in images})
-            raise ValueError(
-                f"The processed images have different shapes {shapes[:4]}; they cannot be stacked into one tensor. "
-                "Resize to a fixed size (the task presets do), or pass return_tensors=None."
-            )
-        batches = [torch.stack(images)] if same_shape else [image[None] for image in images]
-        processed = []
-        for batch in batches:
-            if device is not None:
-                batch = batch.to(device)
-            batch = batch.to(dtype=torch.float32, memory_format=torch.contiguous_format)
-            if do_rescale:
-                divisor = 1.0 / rescale_factor
-                batch = batch.div_(round(divisor) if abs(divisor - round(divisor)) < 1e-6 else divisor)
-            if do_normalize:
-                channels = batch.shape[1]
-                mean = torch.as_tensor(image_mean, dtype=torch.float32, device=batch.device).reshape(-1)
-                std = torch.as_tensor(image_std, dtype=torch.float32, device=batch.device).reshape(-1)
-                batch = batch.sub_(mean.expand(channels)[:, None, None]).div_(std.expand(channels)[:, None, None])
-            processed.append(batch)
-        if same_shape and return_tensors in ("pt", TensorType.PYTORCH):
-            return BatchFeature(data={"pixel_values": processed[0]}, tensor_type=return_tensors)
-        pixel_values = [image for batch in processed for image in batch]
-        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+    def center_crop(self, image: Any, size: SizeDict, **kwargs: Any) -> Any:
+        """torchvision's ``center_crop``: zero padding split floor/ceil, then the offset rounded half to even."""
+        pad_h, pad_w = max(size.height - image.shape[-2], 0), max(size.width - image.shape[-1], 0)
+        if pad_h or pad_w:
+            padding = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+            image = torch.nn.functional.pad(torch.from_numpy(image), padding).numpy()
+        top, left = round((image.shape[-2] - size.height) / 2), round((image.shape[-1] - size.width) / 2)
+        return image[..., top : top + size.height, left : left + size.width]

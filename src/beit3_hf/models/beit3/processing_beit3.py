@@ -1,12 +1,11 @@
 """``Beit3Processor``: BEiT-3's image processor and text tokenizer behind one call.
 
-Text is encoded as the original ``BaseDataset._get_text_segment`` does: ``[bos] + tokens[: max_length - 2] + [eos]``,
-padded on the right with the pad id to ``max_length`` (64 by default, as ``--num_max_bpe_tokens``). The original
-returned ``padding_mask`` (1 = padding); this processor returns the transformers ``attention_mask`` (1 = attend),
-its complement. Any transformers tokenizer can be used: one without bos/eos tokens (a BERT WordPiece vocabulary, as
-used for Chinese retrieval) falls back to its cls/sep tokens, with a one-line notice.
+Text goes through the tokenizer with the original's settings: ``tokenizer(text, padding="max_length", truncation=True,
+max_length=64)`` is ``[bos] + tokens[: max_length - 2] + [eos]`` padded on the right, as the original
+``BaseDataset._get_text_segment`` did with ``--num_max_bpe_tokens 64``. The original returned ``padding_mask``
+(1 = padding); this processor returns the transformers ``attention_mask`` (1 = attend), its complement.
 
-This file is remote code: it is copied into checkpoints and imports only torch, numpy, PIL, transformers and
+This file is remote code: it is copied into checkpoints and imports only torch, transformers and
 ``image_processing_beit3`` (relative import).
 """
 
@@ -15,29 +14,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import is_pil_image, is_valid_image
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-from transformers.utils import logging
 
 from .image_processing_beit3 import Beit3ImageProcessor, _describe
-
-logger = logging.get_logger(__name__)
 
 __all__ = ["Beit3Processor"]
 
 DEFAULT_MAX_LENGTH = 64
-_PADDING = (True, False, "longest", "max_length", "do_not_pad")
-
-
-def _is_single_image(value: Any) -> bool:
-    if isinstance(value, (Image.Image, str, os.PathLike)):
-        return True
-    return isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 3
 
 
 def _split_pairs(images: Any) -> list[Any] | None:
@@ -57,7 +44,8 @@ def _split_pairs(images: Any) -> list[Any] | None:
                 "(left_image, right_image)."
             )
         for side, image in enumerate(pair):
-            if not _is_single_image(image):
+            single = isinstance(image, (str, os.PathLike)) or is_pil_image(image)
+            if not (single or (is_valid_image(image) and image.ndim == 3)):
                 raise ValueError(
                     f"NLVR2 pair images[{index}][{side}] is a {_describe(image)}, not a single image (a PIL image, an "
                     "image path, or an array/tensor of rank 3)."
@@ -85,7 +73,8 @@ class Beit3Processor(ProcessorMixin):
     Args:
         image_processor ([`Beit3ImageProcessor`] or any image processor): the image side.
         tokenizer ([`PreTrainedTokenizerBase`]): the text side, normally the ``beit3.spm`` conversion
-            (``beit3_hf.conversion.tokenizer.load_sentencepiece_tokenizer``); any transformers tokenizer works.
+            (``beit3_hf.conversion.tokenizer.load_sentencepiece_tokenizer``); any tokenizer that adds begin and end
+            tokens works (a BERT WordPiece one adds ``[CLS]``/``[SEP]``).
         max_length (`int`, defaults to 64): text length after truncation and padding (``--num_max_bpe_tokens``;
             the original captioning recipes used 32). Saved in ``processor_config.json``.
 
@@ -117,37 +106,10 @@ class Beit3Processor(ProcessorMixin):
                 "Beit3Processor needs a tokenizer, e.g. beit3_hf.conversion.tokenizer.load_sentencepiece_tokenizer("
                 "'beit3.spm') or AutoTokenizer.from_pretrained(<converted checkpoint>)."
             )
-        if image_processor is None:
-            image_processor = Beit3ImageProcessor()
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(
-                f"max_length must be an integer >= 2 (room for the begin/end tokens), got {max_length!r}."
-            )
         self.max_length = max_length
-        super().__init__(image_processor, tokenizer, **kwargs)
-
-    # -- special tokens -----------------------------------------------------------------------------------------
-
-    def _special_ids(self) -> tuple[int, int, int]:
-        """(begin, end, pad) ids: bos/eos, or cls/sep for tokenizers that have no bos/eos (BERT WordPiece)."""
-        tok = self.tokenizer
-        begin, end, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-        if begin is None or end is None:
-            if tok.cls_token_id is None or tok.sep_token_id is None:
-                raise ValueError(
-                    f"{type(tok).__name__} has neither bos/eos nor cls/sep tokens; BEiT-3 needs begin and end tokens "
-                    "around each text. Set tokenizer.bos_token and tokenizer.eos_token."
-                )
-            begin, end = tok.cls_token_id, tok.sep_token_id
-            logger.warning_once(
-                f"Beit3Processor: {type(tok).__name__} has no bos/eos token; using its cls/sep tokens "
-                f"({tok.cls_token!r}={begin}, {tok.sep_token!r}={end}) to begin and end each text."
-            )
-        if pad is None:
-            raise ValueError(f"{type(tok).__name__} has no pad token; set tokenizer.pad_token before padding texts.")
-        return begin, end, pad
-
-    # -- calls --------------------------------------------------------------------------------------------------
+        super().__init__(
+            image_processor if image_processor is not None else Beit3ImageProcessor(), tokenizer, **kwargs
+        )
 
     def __call__(
         self,
@@ -167,10 +129,11 @@ class Beit3Processor(ProcessorMixin):
                 Images are PIL images (any mode), arrays/tensors ((H, W, C) or (C, H, W)) or local file paths.
             text: a string or a list of strings, one per image (or pair) when both are given.
             padding: ``"max_length"`` (default, as the original), ``"longest"``/``True``, or ``False``.
-            truncation: keep at most ``max_length - 2`` text tokens (the original always truncates).
+            truncation: keep at most ``max_length`` tokens, the begin and end tokens included (the original always
+                truncates).
             max_length: defaults to the processor's ``max_length`` (64).
             return_tensors: ``"pt"`` (default), ``"np"`` or ``None`` (lists).
-            **images_kwargs: passed to the image processor (``device``, ``num_threads``, ``size``, ...).
+            **images_kwargs: passed to the image processor (``size``, ``do_center_crop``, ...).
         """
         if images is None and text is None:
             raise ValueError("Beit3Processor needs images=..., text=..., or both.")
@@ -179,60 +142,26 @@ class Beit3Processor(ProcessorMixin):
                 f"Unexpected keyword argument(s) {sorted(images_kwargs)}: only image-processor options are accepted "
                 "besides padding, truncation, max_length and return_tensors, and no images were given."
             )
-        if padding not in _PADDING:
-            raise ValueError(f"padding must be one of {_PADDING}, got {padding!r}.")
+        max_length = self.max_length if max_length is None else max_length
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(
+                f"max_length must be an integer >= 2 (room for the begin/end tokens), got {max_length!r}."
+            )
         data: dict[str, Any] = {}
         if images is not None:
             pairs = _split_pairs(images)
-            stacked = "pt" if return_tensors is not None else None
-            features = self.image_processor(
-                pairs if pairs is not None else images, return_tensors=stacked, **images_kwargs
-            )
-            pixel_values = features["pixel_values"]
-            if not isinstance(pixel_values, torch.Tensor):
-                pixel_values = list(pixel_values)
-                if pairs is not None:
-                    pixel_values = [torch.stack(pixel_values[i : i + 2]) for i in range(0, len(pixel_values), 2)]
-            elif pairs is not None:
-                pixel_values = pixel_values.reshape(len(pixel_values) // 2, 2, *pixel_values.shape[1:])
+            stacked = "pt" if return_tensors is not None or pairs is not None else None
+            pixel_values = self.image_processor(
+                images if pairs is None else pairs, return_tensors=stacked, **images_kwargs
+            )["pixel_values"]
+            if pairs is not None:
+                pixel_values = pixel_values.reshape(-1, 2, *pixel_values.shape[1:])
+                pixel_values = list(pixel_values) if return_tensors is None else pixel_values
             data["pixel_values"] = pixel_values
         if text is not None:
-            data.update(self._encode_text(_check_text(text), padding, truncation, max_length))
+            kwargs = {"padding": padding, "truncation": truncation, "max_length": max_length}
+            data.update(self.tokenizer(_check_text(text), return_token_type_ids=False, **kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors)
-
-    def _encode_text(
-        self, texts: list[str], padding: bool | str, truncation: bool, max_length: int | None
-    ) -> dict[str, list[list[int]]]:
-        max_length = self.max_length if max_length is None else max_length
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}.")
-        begin, end, pad = self._special_ids()
-        pieces = self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-        ids = [[begin, *(p[: max_length - 2] if truncation else p), end] for p in pieces]
-        if padding in (True, "longest"):
-            target = max(len(row) for row in ids)
-        elif padding == "max_length":
-            target = max_length
-        else:
-            target = 0
-        input_ids = [row + [pad] * (target - len(row)) for row in ids]
-        attention_mask = [[1] * len(row) + [0] * (target - len(row)) for row in ids]
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> list:
-        """Save tokenizer, image processor and processor configs plus this code, loadable with ``trust_remote_code``.
-
-        Besides transformers 5's ``processor_config.json`` (image processor nested in it) this also writes the flat
-        ``preprocessor_config.json`` that older tools and transformers 4 read for ``AutoImageProcessor``.
-        """
-        # Saving copies the code only for classes marked as remote code; marking is idempotent and harmless.
-        if type(self)._auto_class is None:
-            type(self).register_for_auto_class("AutoProcessor")
-        if isinstance(self.image_processor, Beit3ImageProcessor) and type(self.image_processor)._auto_class is None:
-            type(self.image_processor).register_for_auto_class("AutoImageProcessor")
-        os.makedirs(save_directory, exist_ok=True)
-        self.image_processor.save_pretrained(save_directory)
-        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def batch_decode(self, sequences: Any, skip_special_tokens: bool = True, **kwargs: Any) -> list[str]:
         """Decode generated captions (special tokens skipped by default)."""

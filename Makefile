@@ -14,6 +14,9 @@ ORACLE := beit3-gml==0.1.3 torchscale==0.3.0 fairscale==0.4.0 dall-e==0.1
 TRANSFORMERS_FLOOR := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\),<6",*$$/\1/p' pyproject.toml)
 COMPAT_VENVS := .venv-floor .venv-latest
 PYTEST_ARGS ?=
+# transformers' common model tests (tests/test_common.py) come from the sdist of the installed transformers, fetched
+# from the package index at install time into ~/.cache/beit3-hf, so that the test run itself stays offline.
+FETCH_COMMON_TESTS := -c "import sys; sys.path[:0] = ['tests']; import test_common"
 LINT_PATHS := src tests benchmarks examples scripts
 
 .PHONY: demo test test-all test-compat lint format bench lock clean
@@ -26,6 +29,7 @@ $(VENV)/.created:
 $(VENV)/.test-installed: $(VENV)/.created pyproject.toml $(LOCK)
 	$(PIP) install -q -c $(LOCK) -e ".[test]"
 	$(PIP) install -q -c $(LOCK) --no-deps --no-build-isolation $(ORACLE)
+	$(PY) $(FETCH_COMMON_TESTS)
 	touch $@
 
 $(VENV)/.demo-installed: $(VENV)/.created pyproject.toml $(LOCK)
@@ -51,6 +55,7 @@ test-all: $(VENV)/.test-installed
 	grep -E '^(torch|torchvision)==' $(LOCK) > .venv-floor/torch.txt
 	.venv-floor/bin/python -m pip install -q -c .venv-floor/torch.txt -e ".[test]" "transformers==$(TRANSFORMERS_FLOOR)"
 	.venv-floor/bin/python -m pip install -q --no-deps --no-build-isolation $(ORACLE)
+	.venv-floor/bin/python $(FETCH_COMMON_TESTS)
 	touch $@
 
 .venv-latest/.installed: pyproject.toml $(LOCK)
@@ -63,6 +68,7 @@ test-compat: .venv-floor/.installed .venv-latest/.installed
 	grep -E '^(torch|torchvision)==' $(LOCK) > .venv-latest/torch.txt
 	.venv-latest/bin/python -m pip install -q --upgrade -c .venv-latest/torch.txt -e ".[test]" "transformers>=5,<6"
 	.venv-latest/bin/python -m pip install -q --no-deps --no-build-isolation $(ORACLE)
+	.venv-latest/bin/python $(FETCH_COMMON_TESTS)
 	@for venv in $(COMPAT_VENVS); do \
 		echo "== $$venv: transformers $$($$venv/bin/python -c 'import transformers; print(transformers.__version__)')"; \
 		$$venv/bin/python -m pytest -m "not slow" -q $(PYTEST_ARGS) || exit 1; \

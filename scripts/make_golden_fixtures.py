@@ -44,7 +44,8 @@ GOLDEN_ARCHITECTURE = dict(
 )
 TASK_LABELS = {"image-classification": 5, "vqa": 7, "nlvr2": 2}
 NO_FINAL_LAYERNORM = {"image-classification", "vqa"}  # the original drops the encoder's final layer norm there
-TASKS = ("backbone", "image-classification", "retrieval", "vqa", "nlvr2", "captioning")
+TASKS = ("backbone", "image-classification", "retrieval", "vqa", "nlvr2", "captioning", "pretraining")
+VISUAL_VOCAB_SIZE = 24  # the `mim_head` width of the pretraining fixture
 CAPTION_MAX_LENGTH = 10
 # Added to the captioning head's `</s>` bias: short captions that end at `</s>`, and long ones cut at max_length.
 CAPTION_EOS_BIASES = {"long": 0.8, "short": 1.6}
@@ -86,6 +87,12 @@ def golden_config(task: str, **overrides) -> Beit3Config:
 def input_variants(task: str, config: Beit3Config) -> dict[str, dict[str, torch.Tensor]]:
     """Fused inputs with padded text; for the backbone also vision-only, text-only and unpadded text."""
     full = random_inputs(config, task, batch_size=3, text_len=7, seed=11)
+    if task == "pretraining":  # masked images, texts, and pairs (masked image + text)
+        return {
+            "pair": full,
+            "image": {"pixel_values": full["pixel_values"], "bool_masked_pos": full["bool_masked_pos"]},
+            "text": {"input_ids": full["input_ids"], "attention_mask": full["attention_mask"]},
+        }
     if task != "backbone":
         return {"main": full}
     return {
@@ -135,6 +142,8 @@ def write_tokenizer_fixture(output: Path) -> int:
 
 def write_task_fixture(output: Path, task: str, seed: int, mask_token_id: int) -> None:
     config = golden_config(task, mask_token_id=mask_token_id if task == "captioning" else None)
+    if task == "pretraining":
+        config.visual_vocab_size = VISUAL_VOCAB_SIZE
     model = original.build_original_model(task, config)
     randomize_(model, seed)
     tensors = {f"weights/{key}": value.clone() for key, value in model.state_dict().items()}
@@ -171,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the original beit3 / torchscale code is not installed: run `make test` once to install it.")
     args.output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # the same bits on every run (multi-threaded reductions may differ in the last bit)
     mask_token_id = write_tokenizer_fixture(args.output)
     for seed, task in enumerate(TASKS):
         write_task_fixture(args.output, task, seed, mask_token_id)

@@ -41,6 +41,14 @@ def _oracle_missing(name: str) -> str | None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "oracle(name): needs the original implementation `name` (beit3, dall_e)")
+    for name in (
+        "accelerate_tests",
+        "flash_attn_test",
+        "flash_attn_3_test",
+        "flash_attn_4_test",
+        "torch_compile_test",
+    ):
+        config.addinivalue_line("markers", f"{name}: marker of transformers' common tests (tests/test_common.py)")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -1,7 +1,9 @@
-"""Beit3ForCaptioning against the original (unilm `BEiT3ForCaptioning` and `CaptioningHandler` beam search)."""
+"""Beit3ForCaptioning: caching, batching, errors and losses on a random tiny model, and, marked `oracle("beit3")`,
+parity with the original (unilm `BEiT3ForCaptioning` and the `CaptioningHandler` beam search) and conversion."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -17,58 +19,36 @@ from beit3_hf.conversion import original
 from beit3_hf.conversion.tokenizer import load_sentencepiece_tokenizer
 from beit3_hf.models.beit3.modeling_beit3 import Beit3KeyValueCache
 
-from oracle_utils import run_fresh_python, tiny_config, train_sentencepiece, write_original_checkpoint
+from oracle_utils import randomize_, run_fresh_python, tiny_config, train_sentencepiece, write_original_checkpoint
 
-pytestmark = pytest.mark.oracle("beit3")
+oracle = pytest.mark.oracle("beit3")
 
 MASK = 119  # `<mask>` of the tiny vocabulary
 MAX_LENGTH = 10
-
-
-@pytest.fixture(scope="module", params=[0.8, 1.6], ids=["long-captions", "short-captions"])
-def pair(request, tmp_path_factory):
-    """(original model, converted model). The `</s>` bias sets how soon captions end, so that both captions that
-    stop at `</s>` and captions cut at max_length occur."""
-    config = tiny_config("captioning", mask_token_id=MASK)
-    path = tmp_path_factory.mktemp("captioning") / "captioning.pth"
-    reference = write_original_checkpoint(path, "captioning", config, seed=3)
-    with torch.no_grad():
-        reference.mlm_head.bias[config.eos_token_id] += request.param
-    torch.save({"model": reference.state_dict()}, path)
-    args = ["--checkpoint", str(path), "--task", "captioning", "--output", str(path.parent / "hf")]
-    assert convert.main([*args, "--num-attention-heads", "4", "--mask-token-id", str(MASK)]) == 0
-    model = Beit3ForCaptioning.from_pretrained(path.parent / "hf").eval()
-    assert model.config.mask_token_id == MASK
-    return reference, model
+LONG_CAPTIONS, SHORT_CAPTIONS = 0.8, 1.6  # `</s>` logit biases of the models below
 
 
 def images(batch: int, seed: int = 5) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def test_training_logits_and_loss_match_the_original(pair):
-    reference, model = pair
-    inputs = convert.random_inputs(model.config, "captioning", batch_size=3, text_len=7, seed=1)
-    input_ids = inputs["input_ids"].clone()
-    masked = torch.zeros_like(input_ids, dtype=torch.bool)
-    masked[0, [1, 4]] = masked[1, 2] = masked[2, 1] = True  # never <s>, inside each caption
-    input_ids[masked] = MASK
-    inputs["input_ids"] = input_ids
-    expected = original.run_original(reference, "captioning", **inputs)["logits"]
-    labels = torch.full_like(input_ids, -100)
-    labels[masked] = inputs["input_ids"].new_tensor([11, 12, 13, 14])
-    out = model(**inputs, labels=labels)
-    assert (out.logits - expected).abs().max() <= 1e-4
-    # The original loss: BertCaptioningLoss(label_smoothing=0.1, drop_worst_ratio=0) on the masked positions.
-    from beit3.utils import BertCaptioningLoss
-
-    reference_loss = BertCaptioningLoss(0.1, 0.0, 0)(expected[masked], labels[masked], 0)
-    assert abs(out.loss.item() - reference_loss.item()) <= 1e-4
-    assert next(iter(out)) == "loss"
+# ---------------------------------------------------------------------------------------------------------------------
+# A random tiny model: no original code needed
+# ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_cached_steps_equal_the_full_forward(pair):
-    _, model = pair
+@pytest.fixture(scope="module")
+def model() -> Beit3ForCaptioning:
+    """A random captioning model whose `</s>` bias makes some captions end early and others reach max_length."""
+    torch.manual_seed(0)
+    model = Beit3ForCaptioning(tiny_config("captioning", mask_token_id=MASK))
+    randomize_(model, seed=3)
+    with torch.no_grad():
+        model.lm_head.bias[model.config.eos_token_id] += 2.4  # captions of 1 to 7 tokens for `images(4, seed=9)`
+    return model.eval()
+
+
+def test_cached_steps_equal_the_full_forward(model):
     pixel_values = images(2)
     input_ids = torch.tensor([[0, 17, 33, 51, 2, 8], [0, 44, 45, 46, 47, 2]])
     with torch.no_grad():
@@ -81,9 +61,8 @@ def test_cached_steps_equal_the_full_forward(pair):
     assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
 
 
-def test_mask_slot_decoding_equals_the_full_forward(pair):
+def test_mask_slot_decoding_equals_the_full_forward(model):
     """The original scheme: feed [token, <mask>], read the <mask> slot, drop its cache entry, repeat."""
-    _, model = pair
     pixel_values = images(2)
     tokens = torch.tensor([[0, 17, 33, 51], [0, 44, 45, 46]])
     with torch.no_grad():
@@ -107,9 +86,113 @@ def test_mask_slot_decoding_equals_the_full_forward(pair):
             assert (logits - full).abs().max() <= 1e-5
 
 
+def test_batched_generation_equals_one_at_a_time(model):
+    pixel_values = images(4, seed=9)
+    batched = model.generate(pixel_values, num_beams=3, max_length=MAX_LENGTH)
+    lengths = (batched != model.config.pad_token_id).sum(1)
+    assert lengths.min() < lengths.max()  # padded rows: captions of several lengths
+    for row in range(4):
+        single = model.generate(pixel_values[row : row + 1], num_beams=3, max_length=MAX_LENGTH)[0]
+        assert batched[row, : len(single)].tolist() == single.tolist()
+        assert (batched[row, len(single) :] == model.config.pad_token_id).all()
+
+
+def test_max_new_tokens_is_max_length_minus_the_prompt(model):
+    pixel_values = images(2)
+    torch.testing.assert_close(
+        model.generate(pixel_values, max_new_tokens=5), model.generate(pixel_values, max_length=6)
+    )
+
+
+def test_generation_errors(model):
+    with pytest.raises(ValueError, match="needs pixel_values"):
+        model.generate(None)
+    with pytest.raises(ValueError, match="num_beams must be a positive integer"):
+        model.generate(images(1), num_beams=0)
+    with pytest.raises(ValueError, match="shorter than a caption"):
+        model.generate(images(1), max_length=2)
+    with pytest.raises(ValueError, match="max_length or max_new_tokens, not both"):
+        model.generate(images(1), max_length=5, max_new_tokens=3)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        model.generate(images(1), max_length=31)
+    with pytest.raises(ValueError, match="needs an image"):
+        model(input_ids=torch.tensor([[0, MASK]]))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model(pixel_values=images(1), input_ids=torch.tensor([[0, MASK]]), labels=torch.tensor([1]))
+    with pytest.raises(ValueError, match="cannot follow a filled past_key_values"):
+        out = model(pixel_values=images(1), input_ids=torch.tensor([[0, MASK]]), use_cache=True)
+        model(pixel_values=images(1), input_ids=torch.tensor([[5]]), past_key_values=out.past_key_values)
+
+
+def test_label_smoothing_zero_is_cross_entropy(model):
+    model = copy.deepcopy(model)  # the fixture is shared: change a copy's config
+    model.config.label_smoothing = 0.0
+    input_ids = torch.tensor([[0, MASK, 12, MASK, 2]])
+    labels = torch.tensor([[-100, 11, -100, 13, -100]])
+    out = model(pixel_values=images(1), input_ids=input_ids, labels=labels)
+    expected = F.cross_entropy(out.logits[labels != -100], labels[labels != -100])
+    assert abs(out.loss.item() - expected.item()) <= 1e-5
+
+
+def test_label_smoothing_spreads_the_target_mass(model):
+    input_ids = torch.tensor([[0, MASK, 12, MASK, 2]])
+    labels = torch.tensor([[-100, 11, -100, 13, -100]])
+    out = model(pixel_values=images(1), input_ids=input_ids, labels=labels)
+    log_probs = out.logits[labels != -100].log_softmax(-1)
+    targets = torch.full_like(log_probs, 0.1 / (log_probs.shape[-1] - 1))
+    targets[[0, 1], [11, 13]] = 0.9
+    expected = (targets * (targets.log() - log_probs)).sum(-1).mean()
+    assert abs(out.loss.item() - expected.item()) <= 1e-5 and model.config.label_smoothing == 0.1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parity with the original
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[LONG_CAPTIONS, SHORT_CAPTIONS], ids=["long-captions", "short-captions"])
+def pair(request, tmp_path_factory):
+    """(original model, converted model, `</s>` bias). The bias sets how soon captions end, so that both captions
+    that stop at `</s>` and captions cut at max_length occur."""
+    config = tiny_config("captioning", mask_token_id=MASK)
+    path = tmp_path_factory.mktemp("captioning") / "captioning.pth"
+    reference = write_original_checkpoint(path, "captioning", config, seed=3)
+    with torch.no_grad():
+        reference.mlm_head.bias[config.eos_token_id] += request.param
+    torch.save({"model": reference.state_dict()}, path)
+    args = ["--checkpoint", str(path), "--task", "captioning", "--output", str(path.parent / "hf")]
+    assert convert.main([*args, "--num-attention-heads", "4", "--mask-token-id", str(MASK)]) == 0
+    model = Beit3ForCaptioning.from_pretrained(path.parent / "hf").eval()
+    assert model.config.mask_token_id == MASK
+    return reference, model, request.param
+
+
+@oracle
+def test_training_logits_and_loss_match_the_original(pair):
+    reference, model, _ = pair
+    inputs = convert.random_inputs(model.config, "captioning", batch_size=3, text_len=7, seed=1)
+    input_ids = inputs["input_ids"].clone()
+    masked = torch.zeros_like(input_ids, dtype=torch.bool)
+    masked[0, [1, 4]] = masked[1, 2] = masked[2, 1] = True  # never <s>, inside each caption
+    input_ids[masked] = MASK
+    inputs["input_ids"] = input_ids
+    expected = original.run_original(reference, "captioning", **inputs)["logits"]
+    labels = torch.full_like(input_ids, -100)
+    labels[masked] = inputs["input_ids"].new_tensor([11, 12, 13, 14])
+    out = model(**inputs, labels=labels)
+    assert (out.logits - expected).abs().max() <= 1e-4
+    # The original loss: BertCaptioningLoss(label_smoothing=0.1, drop_worst_ratio=0) on the masked positions.
+    from beit3.utils import BertCaptioningLoss
+
+    reference_loss = BertCaptioningLoss(0.1, 0.0, 0)(expected[masked], labels[masked], 0)
+    assert abs(out.loss.item() - reference_loss.item()) <= 1e-4
+    assert next(iter(out)) == "loss"
+
+
+@oracle
 @pytest.mark.parametrize("num_beams", [3, 1, 2])
 def test_generate_matches_the_original_beam_search(pair, num_beams):
-    reference, model = pair
+    reference, model, _ = pair
     pixel_values = images(5)
     config = model.config
     expected = original.original_beam_search(
@@ -126,62 +209,17 @@ def test_generate_matches_the_original_beam_search(pair, num_beams):
     assert lengths.max() <= MAX_LENGTH - 1 and ((generated == config.eos_token_id).sum(1) == 1).all()
 
 
+@oracle
 def test_generation_covers_both_endings(pair):
     """Sanity of the fixture: some captions end at `</s>` early, the long-caption model also reaches max_length."""
-    _, model = pair
+    _, model, eos_bias = pair
     lengths = (model.generate(images(5), max_length=MAX_LENGTH) != model.config.pad_token_id).sum(1)
-    assert lengths.min() < MAX_LENGTH - 1
+    assert lengths.min() < MAX_LENGTH - 1  # a caption ended at `</s>` before the limit
+    if eos_bias == LONG_CAPTIONS:
+        assert lengths.max() == MAX_LENGTH - 1  # a caption was cut at max_length
 
 
-def test_batched_generation_equals_one_at_a_time(pair):
-    _, model = pair
-    pixel_values = images(4, seed=9)
-    batched = model.generate(pixel_values, num_beams=3, max_length=MAX_LENGTH)
-    for row in range(4):
-        single = model.generate(pixel_values[row : row + 1], num_beams=3, max_length=MAX_LENGTH)[0]
-        assert batched[row, : len(single)].tolist() == single.tolist()
-        assert (batched[row, len(single) :] == model.config.pad_token_id).all()
-
-
-def test_max_new_tokens_is_max_length_minus_the_prompt(pair):
-    _, model = pair
-    pixel_values = images(2)
-    torch.testing.assert_close(
-        model.generate(pixel_values, max_new_tokens=5), model.generate(pixel_values, max_length=6)
-    )
-
-
-def test_generation_errors(pair):
-    _, model = pair
-    with pytest.raises(ValueError, match="needs pixel_values"):
-        model.generate(None)
-    with pytest.raises(ValueError, match="num_beams must be a positive integer"):
-        model.generate(images(1), num_beams=0)
-    with pytest.raises(ValueError, match="shorter than a caption"):
-        model.generate(images(1), max_length=2)
-    with pytest.raises(ValueError, match="max_length or max_new_tokens, not both"):
-        model.generate(images(1), max_length=5, max_new_tokens=3)
-    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
-        model.generate(images(1), max_length=31)
-    with pytest.raises(ValueError, match="needs an image"):
-        model(input_ids=torch.tensor([[0, MASK]]))
-    with pytest.raises(ValueError, match="labels must have shape"):
-        model(pixel_values=images(1), input_ids=torch.tensor([[0, MASK]]), labels=torch.tensor([1]))
-
-
-def test_label_smoothing_zero_is_cross_entropy(pair):
-    _, model = pair
-    model.config.label_smoothing = 0.0
-    try:
-        input_ids = torch.tensor([[0, MASK, 12, MASK, 2]])
-        labels = torch.tensor([[-100, 11, -100, 13, -100]])
-        out = model(pixel_values=images(1), input_ids=input_ids, labels=labels)
-        expected = F.cross_entropy(out.logits[labels != -100], labels[labels != -100])
-        assert abs(out.loss.item() - expected.item()) <= 1e-5
-    finally:
-        model.config.label_smoothing = 0.1
-
-
+@oracle
 def test_captioning_conversion_needs_a_mask_id(tmp_path):
     config = tiny_config("captioning")
     write_original_checkpoint(tmp_path / "cap.pth", "captioning", config)
@@ -192,6 +230,7 @@ def test_captioning_conversion_needs_a_mask_id(tmp_path):
 SPM_TEXTS = ["a red circle above a blue square", "two dogs play in the park", "a cat sleeps on the bed"]
 
 
+@oracle
 def test_conversion_with_sentencepiece_end_to_end(tmp_path):
     """--sentencepiece writes the processor and takes <mask> from it; in a fresh process without beit3_hf,
     AutoProcessor + AutoModelForImageTextToText caption an image and batch_decode gives the same text as here."""
@@ -232,6 +271,7 @@ def test_conversion_with_sentencepiece_end_to_end(tmp_path):
     assert child == {"ids": ids.tolist(), "text": expected, "class": "Beit3ForCaptioning"}
 
 
+@oracle
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -248,6 +288,7 @@ def test_bad_sentencepiece_fails_before_conversion(tmp_path, capsys, make, messa
     assert not (tmp_path / "out").exists()
 
 
+@oracle
 def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys):
     spm = train_sentencepiece(tmp_path, SPM_TEXTS, vocab_size=40)
     config = tiny_config("retrieval", vocab_size=20)

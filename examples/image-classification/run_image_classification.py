@@ -384,6 +384,9 @@ def build_config(model_args: ModelArguments, id2label: dict[int, str]) -> Any:
     config.label2id = {name: label for label, name in id2label.items()}
     config.drop_path_rate = model_args.drop_path_rate
     config.use_final_layernorm = model_args.use_final_layernorm
+    # Image classification needs no text side: the model is built without it (87M / 305M parameters at base /
+    # large), and every parameter gets a gradient, so plain DDP works. A full checkpoint's text keys are unused.
+    config.vision_only = True
     if hasattr(config, "validate_architecture"):
         config.validate_architecture()
     return config
@@ -505,9 +508,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         logger.warning("Setting remove_unused_columns=False: the transforms need the raw 'image' column.")
         training_args.remove_unused_columns = False
     if training_args.ddp_find_unused_parameters is None:
-        # Images never reach the text experts, so DDP must expect unused parameters (as the original does);
-        # transformers' activation checkpointing is non-reentrant by default, which allows it.
-        training_args.ddp_find_unused_parameters = True
+        # The model is vision-only (see build_config): every parameter is used, so DDP need not search for unused
+        # ones (the original, which keeps the text experts, needs find_unused_parameters=True).
+        training_args.ddp_find_unused_parameters = False
     if training_args.do_train and data_args.mixup_active and training_args.per_device_train_batch_size % 2:
         raise ValueError(
             f"Mixup / cutmix mix pairs of images of a batch, so --per_device_train_batch_size must be even (got "

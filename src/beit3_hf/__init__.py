@@ -11,6 +11,8 @@ from transformers import (
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForImageTextToText,
+    AutoModelForMaskedImageModeling,
+    AutoModelForPreTraining,
     AutoModelForVisualQuestionAnswering,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
@@ -22,6 +24,8 @@ from .models.beit3.modeling_beit3 import (
     Beit3ForCaptioning,
     Beit3ForImageClassification,
     Beit3ForImageTextRetrieval,
+    Beit3ForMaskedImageModeling,
+    Beit3ForPreTraining,
     Beit3ForVisualQuestionAnswering,
     Beit3ForVisualReasoning,
     Beit3ImageTextRetrievalOutput,
@@ -45,6 +49,8 @@ _MODEL_CLASSES = (
     Beit3ForVisualQuestionAnswering,
     Beit3ForVisualReasoning,
     Beit3ForCaptioning,
+    Beit3ForMaskedImageModeling,
+    Beit3ForPreTraining,
 )
 
 
@@ -57,6 +63,8 @@ def _register() -> None:
     AutoModelForZeroShotImageClassification.register(Beit3Config, Beit3ForImageTextRetrieval, exist_ok=True)
     AutoModelForVisualQuestionAnswering.register(Beit3Config, Beit3ForVisualQuestionAnswering, exist_ok=True)
     AutoModelForImageTextToText.register(Beit3Config, Beit3ForCaptioning, exist_ok=True)
+    AutoModelForMaskedImageModeling.register(Beit3Config, Beit3ForMaskedImageModeling, exist_ok=True)
+    AutoModelForPreTraining.register(Beit3Config, Beit3ForPreTraining, exist_ok=True)
     # One exact (Pillow) image processor. AutoImageProcessor resolves backend=None to "torchvision" whenever
     # torchvision is installed, so both keys name it; a "pil"-only entry logs a fallback warning on every load.
     AutoImageProcessor.register(
@@ -70,7 +78,7 @@ def _register() -> None:
 
     Beit3Config.register_for_auto_class()
     for model_class in _MODEL_CLASSES:
-        # Each class's `auto_map` entries are written by `Beit3PreTrainedModel.post_init`; the Auto class given here
+        # Each class's `auto_map` entries are written by `Beit3PreTrainedModel.save_pretrained`; the Auto class here
         # only marks the class as remote code so that `save_pretrained` copies the modeling files.
         model_class.register_for_auto_class(model_class._task_auto_class or "AutoModel")
 
@@ -85,6 +93,8 @@ __all__ = [
     "Beit3ForCaptioning",
     "Beit3ForImageClassification",
     "Beit3ForImageTextRetrieval",
+    "Beit3ForMaskedImageModeling",
+    "Beit3ForPreTraining",
     "Beit3ForVisualQuestionAnswering",
     "Beit3ForVisualReasoning",
     "Beit3ImageProcessor",

@@ -121,7 +121,10 @@ def infer_config(
         mask_token_id = RELEASED_MASK_TOKEN_ID
     if mask_token_id is not None:
         kwargs["mask_token_id"] = mask_token_id
+    if "mim_head.weight" in state_dict:  # the visual tokenizer's codebook size, never assumed
+        kwargs["visual_vocab_size"] = state_dict["mim_head.weight"].shape[0]
     return Beit3Config(
+        vision_only=TASKS[task].vision_only,
         hidden_size=hidden_size,
         num_hidden_layers=len(layer_ids),
         num_attention_heads=heads,
@@ -147,16 +150,18 @@ def convert_state_dict(
     """
     spec = TASKS[task]
     rules = BACKBONE_RULES + spec.head_rules
-    droppable = "|".join(f"(?:{regex})" for regex in (spec.dropped_keys, ignore_unused) if regex)
     converted, unused, dropped = {}, [], []
     for key, tensor in state_dict.items():
+        if spec.dropped_keys and re.fullmatch(spec.dropped_keys, key):  # not part of this task's model
+            dropped.append(key)
+            continue
         for rule in rules:
             target = rule.apply(key)
             if target is not None:
                 converted[target] = rule.transform(tensor) if rule.transform else tensor
                 break
         else:
-            (dropped if droppable and re.fullmatch(droppable, key) else unused).append(key)
+            (dropped if ignore_unused and re.fullmatch(ignore_unused, key) else unused).append(key)
     check_tensors(converted, {target: key for key, target in _sources(state_dict, rules).items()})
     if unused:
         found = detect_task(state_dict)
@@ -347,6 +352,9 @@ def random_inputs(config: Beit3Config, task: str, batch_size: int = 2, text_len:
     inputs = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
     if task == "image-classification":
         del inputs["input_ids"], inputs["attention_mask"]
+    if task == "pretraining":  # about 40% of the patches masked
+        num_patches = (config.image_size // config.patch_size) ** 2
+        inputs["bool_masked_pos"] = torch.rand(batch_size, num_patches, generator=generator) < 0.4
     return inputs
 
 

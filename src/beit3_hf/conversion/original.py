@@ -68,6 +68,16 @@ class _OriginalBackbone(nn.Module):
         self.beit3 = BEiT3(args)
 
 
+class _OriginalPretraining(_OriginalBackbone):
+    """The original backbone with the two linear heads of the released pretrained checkpoints (`mlm_head`,
+    `mim_head`, read from their state dicts: unilm released no pretraining code)."""
+
+    def __init__(self, args: Any, visual_vocab_size: int) -> None:
+        super().__init__(args)
+        self.mlm_head = nn.Linear(args.encoder_embed_dim, args.vocab_size)
+        self.mim_head = nn.Linear(args.encoder_embed_dim, visual_vocab_size)
+
+
 def build_original_model(task: str, config: Beit3Config) -> nn.Module:
     """An original (unilm) model for `task` with the architecture of `config`, in eval mode."""
     from .tasks import get_task
@@ -75,6 +85,8 @@ def build_original_model(task: str, config: Beit3Config) -> nn.Module:
     spec = get_task(task)
     modeling_finetune, _ = import_original()
     args = encoder_config(config)
+    if task == "pretraining":
+        return _OriginalPretraining(args, config.visual_vocab_size).eval()
     if spec.original_class is None:
         return _OriginalBackbone(args).eval()
     model_class = getattr(modeling_finetune, spec.original_class)
@@ -89,6 +101,7 @@ def run_original(
     pixel_values: torch.Tensor | None = None,
     input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    bool_masked_pos: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run an original model with our input conventions; returns the outputs named as our models name them."""
     padding_mask = (
@@ -97,6 +110,21 @@ def run_original(
     if task == "backbone":
         out = model.beit3(textual_tokens=input_ids, visual_tokens=pixel_values, text_padding_position=padding_mask)
         return {"last_hidden_state": out["encoder_out"]}
+    if task == "pretraining":  # torchscale's masked-image input plus the heads, as BEiT-3 pretraining used them
+        out = model.beit3(
+            textual_tokens=input_ids,
+            visual_tokens=pixel_values,
+            text_padding_position=padding_mask,
+            vision_masked_position=bool_masked_pos,
+        )
+        hidden = out["encoder_out"]
+        split = hidden.shape[1] if input_ids is None else hidden.shape[1] - input_ids.shape[1]
+        outputs = {}
+        if pixel_values is not None:
+            outputs["mim_logits"] = model.mim_head(hidden[:, 1:split])  # patches, CLS excluded
+        if input_ids is not None:
+            outputs["mlm_logits"] = model.mlm_head(hidden[:, split:])
+        return outputs
     if task == "image-classification":
         return {"logits": model(image=pixel_values)}
     if task == "retrieval":

@@ -17,6 +17,7 @@ from ..models.beit3.modeling_beit3 import (
     Beit3ForCaptioning,
     Beit3ForImageClassification,
     Beit3ForImageTextRetrieval,
+    Beit3ForPreTraining,
     Beit3ForVisualQuestionAnswering,
     Beit3ForVisualReasoning,
     Beit3Model,
@@ -93,7 +94,9 @@ class TaskSpec:
             or "image-classification" (timm's resize + center crop, ImageNet mean / std).
         max_text_length: text length of the original fine-tuning recipe (`--num_max_bpe_tokens`).
         original_class: the class of unilm `beit3/modeling_finetune.py` (None: the torchscale backbone alone).
-        dropped_keys: a regular expression of checkpoint keys that this task drops (and lists) instead of failing.
+        dropped_keys: a regular expression of checkpoint keys that this task drops (and lists) instead of mapping.
+        vision_only: the converted model has no text side (`Beit3Config.vision_only`); the checkpoint's text keys
+            and mask token are dropped and listed.
     """
 
     name: str
@@ -105,11 +108,15 @@ class TaskSpec:
     max_text_length: int = 64
     original_class: str | None = None
     dropped_keys: str | None = None
+    vision_only: bool = False
 
 
 # Keys that pretrained (not fine-tuned) checkpoints carry besides the backbone: the pretraining heads and, in the
 # `*_itc_*` checkpoints, the contrastive heads. `--task backbone` drops and lists them; any other key stays an error.
 PRETRAINING_HEAD_KEYS = r"(mlm_head|mim_head|vision_head|language_head)\.(weight|bias)|logit_scale"
+# The text side of a checkpoint (text embedding and positions, every text expert) and the masked-image-modelling
+# mask token: what an image-only model does not have.
+TEXT_SIDE_KEYS = r"beit3\.text_embed\.weight|beit3\.vision_embed\.mask_token|beit3\.encoder\..*\.B\..+"
 
 _TASK_LIST = (
     TaskSpec("backbone", Beit3Model, (), dropped_keys=PRETRAINING_HEAD_KEYS),
@@ -124,6 +131,8 @@ _TASK_LIST = (
         num_labels_key="head.weight",
         image_processor="image-classification",
         original_class="BEiT3ForImageClassification",
+        dropped_keys=TEXT_SIDE_KEYS,
+        vision_only=True,  # 87M / 305M parameters as the original README says, and plain DDP works
     ),
     TaskSpec(
         "retrieval",
@@ -162,6 +171,17 @@ _TASK_LIST = (
         signature_key="head.dense1.weight",
         num_labels_key="head.dense2.weight",
         original_class="BEiT3ForVisualReasoning",
+    ),
+    # The released pretrained checkpoints (`beit3_{base,large}_patch16_224.pth`) carry the two pretraining heads;
+    # listed before captioning, whose signature `mlm_head` they share.
+    TaskSpec(
+        "pretraining",
+        Beit3ForPreTraining,
+        (
+            KeyRule(r"mlm_head\.(weight|bias)", "mlm_head.{g1}"),
+            KeyRule(r"mim_head\.(weight|bias)", "mim_head.{g1}"),
+        ),
+        signature_key="mim_head.weight",
     ),
     TaskSpec(
         "captioning",

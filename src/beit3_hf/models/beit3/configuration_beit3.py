@@ -55,6 +55,15 @@ class Beit3Config(PretrainedConfig):
             classification and VQA and keeps it for every other task.
         logit_scale_init_value: initial value of the retrieval temperature parameter (log of 1/0.07).
         label_smoothing: label smoothing of the captioning loss (0.1 in the original recipes).
+        visual_vocab_size: width of the masked-image-modelling head `mim_head`: the codebook size of the visual
+            tokenizer (8192 for VQ-KD and the DALL-E dVAE; the converter reads it from a checkpoint's `mim_head`),
+            or `patch_size**2 * num_channels` for pixel regression.
+        vision_only: build the vision side only: no text experts in any Multiway block, no text embedding and no
+            text position table (base at 224: about 87M parameters with the classification head instead of
+            222M). For image classification; the vision parameters keep their names, so a full checkpoint loads
+            with only its text keys (and the masked-image-modelling `mask_token`) unused. Such a model takes
+            `pixel_values` only, and every parameter gets a gradient in a classification step, so plain DDP
+            (`find_unused_parameters=False`) works.
         num_labels / id2label / label2id: classification labels (standard `PretrainedConfig` arguments).
         pad_token_id / bos_token_id / eos_token_id / mask_token_id: special token ids of the tokenizer
             (`<pad>`=1, `<s>`=0, `</s>`=2, `<mask>`=64001 for `beit3.spm`; the presets set it, and the converter
@@ -71,6 +80,8 @@ class Beit3Config(PretrainedConfig):
     ...                    image_size=32, patch_size=16, vocab_size=100)
     >>> tiny.head_dim
     16
+    >>> Beit3Config.from_preset("beit3-base-patch16-224", vision_only=True).vision_only
+    True
 
     ```
     """
@@ -100,6 +111,8 @@ class Beit3Config(PretrainedConfig):
         bos_token_id: int = 0,
         eos_token_id: int = 2,
         mask_token_id: int | None = None,
+        visual_vocab_size: int = 8192,
+        vision_only: bool = False,
         **kwargs: Any,
     ) -> None:
         self.hidden_size = hidden_size
@@ -120,6 +133,8 @@ class Beit3Config(PretrainedConfig):
         self.logit_scale_init_value = logit_scale_init_value
         self.label_smoothing = label_smoothing
         self.mask_token_id = mask_token_id
+        self.visual_vocab_size = visual_vocab_size
+        self.vision_only = vision_only
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
         # AutoModel picks the BEiT-3 class named by `architectures`; transformers cannot handle None there, so a
         # config that no model has been saved with names the base model.
@@ -130,6 +145,7 @@ class Beit3Config(PretrainedConfig):
     def validate_architecture(self) -> None:
         """Raise a `ValueError` naming the first inconsistent architecture setting."""
         positive = (
+            "visual_vocab_size",
             "hidden_size",
             "num_hidden_layers",
             "num_attention_heads",
@@ -163,6 +179,8 @@ class Beit3Config(PretrainedConfig):
                 raise ValueError(f"Beit3Config.{name} must be in [0, 1), got {value!r}.")
         if self.layer_norm_eps <= 0:
             raise ValueError(f"Beit3Config.layer_norm_eps must be positive, got {self.layer_norm_eps!r}.")
+        if not isinstance(self.vision_only, bool):
+            raise ValueError(f"Beit3Config.vision_only must be True or False, got {self.vision_only!r}.")
 
     @property
     def head_dim(self) -> int:

@@ -28,8 +28,11 @@ This file is remote code: it imports only torch, transformers, the standard libr
 
 from __future__ import annotations
 
+import copy
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +40,13 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPooling,
+    ImageClassifierOutput,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
@@ -54,7 +63,7 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class Beit3ImageTextRetrievalOutput(ModelOutput):
-    """Output of `Beit3ForImageTextRetrieval` (the fields of `CLIPOutput` without the tower outputs).
+    """Output of `Beit3ForImageTextRetrieval`: the fields of transformers' `CLIPOutput`, plus `logit_scale`.
 
     Args:
         loss: symmetric image-text contrastive loss over the batch, when `return_loss=True`.
@@ -64,6 +73,12 @@ class Beit3ImageTextRetrievalOutput(ModelOutput):
         text_embeds: (num_texts, hidden_size) L2-normalised text embeddings.
         logit_scale: the multiplier `exp(logit_scale)` of the similarities, for losses computed outside the model
             (e.g. over the global batch of several processes).
+        text_model_output: the `get_text_features` output (encoder of the texts alone): `last_hidden_state`,
+            `pooler_output` (= `text_embeds`) and, when requested, `hidden_states` and `attentions`.
+        vision_model_output: the `get_image_features` output, likewise for the images.
+
+    Images and texts are encoded separately, so there is no single `hidden_states` / `attentions` sequence: they
+    are in the two tower outputs, as in `CLIPOutput`.
     """
 
     loss: torch.Tensor | None = None
@@ -72,6 +87,14 @@ class Beit3ImageTextRetrievalOutput(ModelOutput):
     image_embeds: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
     logit_scale: torch.Tensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple:
+        # The tower outputs become tuples too, as `CLIPOutput.to_tuple` does.
+        return tuple(
+            value.to_tuple() if isinstance(value, ModelOutput) else value for value in (self[k] for k in self.keys())
+        )
 
 
 @dataclass
@@ -82,6 +105,10 @@ class Beit3CaptioningOutput(ModelOutput):
         loss: label-smoothed masked-token loss over the positions with `labels != -100`.
         logits: (batch, text_len, vocab_size) scores of the text positions.
         cache: the key/value cache, when `use_cache=True`; also readable as `past_key_values`.
+        hidden_states: when requested, the input of every layer and the output of the last (num_layers + 1
+            tensors), each (batch, vision_len + text_len, hidden_size) on the first step and (batch, text_len,
+            hidden_size) when continuing from a cache.
+        attentions: when requested (eager attention), one (batch, heads, queries, keys) tensor per layer.
 
     The field is named `cache` on every supported transformers version: from 5.24 on, `ModelOutput` renames the
     keyword `past_key_values=` to `cache=` in every subclass's constructor, so a field named `past_key_values`
@@ -91,6 +118,8 @@ class Beit3CaptioningOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cache: Beit3KeyValueCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
     @property
     def past_key_values(self) -> Beit3KeyValueCache | None:
@@ -101,40 +130,47 @@ class Beit3CaptioningOutput(ModelOutput):
 class Beit3KeyValueCache:
     """Keys and values of the tokens seen so far, one (batch, heads, seq, head_dim) pair per layer.
 
-    BEiT-3 captioning decodes with a query slot (`<mask>`) whose keys and values are dropped after each step
-    (`drop_last`), and reorders beams (`select`). A small cache of our own keeps that independent of the
-    `transformers` cache API, which changed across the supported versions.
+    The methods have the names and signatures of transformers' `Cache` (`update`, `get_seq_length`,
+    `reorder_cache`), but the class is our own: the `transformers` cache API changed inside the supported range
+    (5.13 to 5.24). `drop_last` forgets the `<mask>` query slot after each captioning step.
     """
 
     def __init__(self) -> None:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.num_image_tokens = 0
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def seq_length(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Number of cached tokens (image and text) of layer `layer_idx`."""
+        return self.keys[layer_idx].shape[2] if layer_idx < len(self.keys) else 0
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's keys/values of layer `layer_idx`; returns all keys/values of that layer."""
         if layer_idx == len(self.keys):
-            self.keys.append(key)
-            self.values.append(value)
+            self.keys.append(key_states)
+            self.values.append(value_states)
         else:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=2)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=2)
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=2)
         return self.keys[layer_idx], self.values[layer_idx]
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Keep (and reorder) the batch rows `beam_idx`, e.g. the surviving beams."""
+        self.keys = [key.index_select(0, beam_idx.to(key.device)) for key in self.keys]
+        self.values = [value.index_select(0, beam_idx.to(value.device)) for value in self.values]
+
     def drop_last(self, num_tokens: int = 1) -> None:
+        """Forget the last `num_tokens` positions of every layer (the `<mask>` slot of a captioning step)."""
         self.keys = [key[:, :, :-num_tokens] for key in self.keys]
         self.values = [value[:, :, :-num_tokens] for value in self.values]
-
-    def select(self, batch_indices: torch.Tensor) -> None:
-        """Keep (and reorder) the batch entries `batch_indices`, e.g. the surviving beams."""
-        self.keys = [key.index_select(0, batch_indices) for key in self.keys]
-        self.values = [value.index_select(0, batch_indices) for value in self.values]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -146,10 +182,11 @@ class Beit3Multiway(nn.Module):
     """A vision expert and a text expert applied to the two parts of one token sequence.
 
     Tokens `[:split_position]` go through `vision`, tokens `[split_position:]` through `text`; the sequence axis is 1.
-    `split_position == seq_len` is a vision-only sequence and `split_position == 0` a text-only one.
+    `split_position == seq_len` is a vision-only sequence and `split_position == 0` a text-only one. A vision-only
+    model (`config.vision_only`) has `text=None`: it holds no text expert and accepts vision-only sequences only.
     """
 
-    def __init__(self, vision: nn.Module, text: nn.Module) -> None:
+    def __init__(self, vision: nn.Module, text: nn.Module | None) -> None:
         super().__init__()
         self.vision = vision
         self.text = text
@@ -158,14 +195,16 @@ class Beit3Multiway(nn.Module):
         seq_len = hidden_states.shape[1]
         if split_position >= seq_len:
             return self.vision(hidden_states)
+        if self.text is None:
+            raise ValueError("This Multiway block is vision-only (config.vision_only=True): it has no text expert.")
         if split_position <= 0:
             return self.text(hidden_states)
         vision_states, text_states = hidden_states.split([split_position, seq_len - split_position], dim=1)
         return torch.cat([self.vision(vision_states), self.text(text_states)], dim=1)
 
 
-def _multiway(factory: Callable[[], nn.Module]) -> Beit3Multiway:
-    return Beit3Multiway(vision=factory(), text=factory())
+def _multiway(factory: Callable[[], nn.Module], vision_only: bool = False) -> Beit3Multiway:
+    return Beit3Multiway(vision=factory(), text=None if vision_only else factory())
 
 
 class Beit3DropPath(nn.Module):
@@ -205,9 +244,13 @@ def resize_patch_position_embeddings(
 
 
 class Beit3VisionEmbeddings(nn.Module):
-    """Patch embedding, optional mask-token replacement (masked image modelling), CLS token and positions."""
+    """Patch embedding, optional mask-token replacement (masked image modelling), CLS token and positions.
 
-    def __init__(self, config: Beit3Config) -> None:
+    A vision-only model has no mask token: it is for masked image modelling only, and a parameter that no
+    classification step uses would break plain DDP (`find_unused_parameters=False`).
+    """
+
+    def __init__(self, config: Beit3Config, use_mask_token: bool | None = None) -> None:
         super().__init__()
         self.config = config
         self.patch_size = config.patch_size
@@ -216,7 +259,8 @@ class Beit3VisionEmbeddings(nn.Module):
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        use_mask_token = not config.vision_only if use_mask_token is None else use_mask_token
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if use_mask_token else None
         # Row 0 is the CLS token, rows 1.. the patches in raster order.
         self.position_embedding = nn.Embedding(config.num_patches + 1, config.hidden_size)
 
@@ -262,6 +306,11 @@ class Beit3VisionEmbeddings(nn.Module):
         embeddings = self.patch_embedding(pixel_values.to(weight.dtype))  # (batch, hidden, grid_h, grid_w)
         embeddings = embeddings.flatten(2).transpose(1, 2)  # (batch, num_patches, hidden)
         if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError(
+                    "bool_masked_pos needs the mask token, which a vision-only model (config.vision_only=True) "
+                    "does not have."
+                )
             if bool_masked_pos.shape != embeddings.shape[:2]:
                 raise ValueError(
                     f"bool_masked_pos must have shape (batch, num_patches) = {tuple(embeddings.shape[:2])}, got "
@@ -329,12 +378,12 @@ class Beit3Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
         self.is_causal = False
-        hidden = config.hidden_size
-        self.q_proj = _multiway(lambda: nn.Linear(hidden, hidden))
-        self.k_proj = _multiway(lambda: nn.Linear(hidden, hidden))
-        self.v_proj = _multiway(lambda: nn.Linear(hidden, hidden))
-        self.sub_layernorm = _multiway(lambda: nn.LayerNorm(hidden, eps=config.layer_norm_eps))
-        self.out_proj = _multiway(lambda: nn.Linear(hidden, hidden))
+        hidden, vision_only = config.hidden_size, config.vision_only
+        self.q_proj = _multiway(lambda: nn.Linear(hidden, hidden), vision_only)
+        self.k_proj = _multiway(lambda: nn.Linear(hidden, hidden), vision_only)
+        self.v_proj = _multiway(lambda: nn.Linear(hidden, hidden), vision_only)
+        self.sub_layernorm = _multiway(lambda: nn.LayerNorm(hidden, eps=config.layer_norm_eps), vision_only)
+        self.out_proj = _multiway(lambda: nn.Linear(hidden, hidden), vision_only)
 
     def forward(
         self,
@@ -391,10 +440,10 @@ class Beit3EncoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: Beit3Config, layer_idx: int = 0, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         norm = lambda: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # noqa: E731
-        self.layernorm_before = _multiway(norm)
+        self.layernorm_before = _multiway(norm, config.vision_only)
         self.self_attn = Beit3Attention(config, layer_idx)
-        self.layernorm_after = _multiway(norm)
-        self.ffn = _multiway(lambda: Beit3FeedForward(config))
+        self.layernorm_after = _multiway(norm, config.vision_only)
+        self.ffn = _multiway(lambda: Beit3FeedForward(config), config.vision_only)
         self.drop_path = Beit3DropPath(drop_path_rate)
 
     def forward(
@@ -423,7 +472,7 @@ class Beit3Encoder(nn.Module):
         rates = [config.drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
         self.layers = nn.ModuleList(Beit3EncoderLayer(config, index, rate) for index, rate in enumerate(rates))
         norm = lambda: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # noqa: E731
-        self.layernorm = _multiway(norm) if config.use_final_layernorm else None
+        self.layernorm = _multiway(norm, config.vision_only) if config.use_final_layernorm else None
 
     def forward(
         self,
@@ -451,14 +500,48 @@ class Beit3Encoder(nn.Module):
         )
 
 
-def padding_mask_to_attention_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(batch, kv_len) mask with 1 = attend -> (batch, 1, 1, kv_len) additive bias: 0 to attend, dtype-min to skip.
+TextAttention = Literal["bidirectional", "causal"]
 
-    The finite minimum (rather than -inf) keeps a fully padded row finite instead of NaN.
+
+def build_attention_bias(
+    key_mask: torch.Tensor | None,
+    num_queries: int,
+    num_vision_queries: int,
+    past_length: int,
+    text_attention: TextAttention,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """The additive attention bias of every BEiT-3 forward: 0 where a query may attend, the dtype minimum elsewhere.
+
+    Args:
+        key_mask: (batch, num_queries) mask of the new tokens with 1 = attend (padding is 0), or None; cached
+            tokens are always attended.
+        num_queries: new tokens, `[vision tokens; text tokens]`, at positions `past_length ..` of the sequence.
+        num_vision_queries: how many of them are vision tokens (they come first).
+        past_length: cached tokens in front of them.
+        text_attention: `"bidirectional"`: every token attends to every (unpadded) token. `"causal"` (captioning):
+            vision tokens attend to the vision tokens only; a text token attends to the vision tokens and the text
+            up to itself.
+
+    Returns None (attend everywhere), a (batch, 1, 1, keys) padding bias, or a (batch or 1, 1, queries, keys) bias.
+    The finite minimum (rather than -inf) keeps a fully masked row finite instead of NaN.
     """
-    bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
-    bias = bias.masked_fill(key_mask == 0, torch.finfo(dtype).min)
-    return bias[:, None, None, :]
+    allowed = None
+    if text_attention == "causal":
+        query_positions = torch.arange(past_length, past_length + num_queries, device=device)[:, None]
+        key_positions = torch.arange(past_length + num_queries, device=device)[None, :]
+        vision_query = query_positions < past_length + num_vision_queries
+        vision_key = (key_positions >= past_length) & (key_positions < past_length + num_vision_queries)
+        allowed = torch.where(vision_query, vision_key, key_positions <= query_positions)[None, None]  # (1, 1, q, k)
+    elif text_attention != "bidirectional":
+        raise ValueError(f"text_attention must be 'bidirectional' or 'causal', got {text_attention!r}.")
+    if key_mask is not None:
+        attended = F.pad(key_mask != 0, (past_length, 0), value=True)[:, None, None, :]  # (batch, 1, 1, keys)
+        allowed = attended if allowed is None else allowed & attended
+    if allowed is None:
+        return None
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class Beit3ClassificationHead(nn.Module):
@@ -517,14 +600,15 @@ class Beit3PreTrainedModel(PreTrainedModel):
     # The task Auto class (besides AutoModel) a saved checkpoint of this class declares in `auto_map`.
     _task_auto_class: str | None = None
 
-    def post_init(self) -> None:
-        super().post_init()
-        # A checkpoint folder must load as its own class through AutoModel (so no head weights are dropped) and
-        # through its task Auto class: `auto_map` names this class for both, next to the config. `save_pretrained`
-        # copies the code files next to it once the classes are registered (see `beit3_hf/__init__.py`).
+    def _auto_map(self) -> dict[str, str]:
+        """The `auto_map` of a saved folder: `AutoConfig`, and this class for `AutoModel` and its task Auto class.
+
+        A checkpoint folder loads as its own class through `AutoModel` (so no head weights are dropped) and through
+        its task Auto class. Entries that name other classes of this module (from a config shared with, or loaded
+        from, another BEiT-3 class) are dropped; entries of other modules are kept.
+        """
         module = type(self).__module__.rsplit(".", 1)[-1]
         model_reference = f"{module}.{type(self).__name__}"
-        # Entries of other model classes (a config shared by several models) must not leak into this checkpoint.
         auto_map = {
             auto_class: reference
             for auto_class, reference in (getattr(self.config, "auto_map", None) or {}).items()
@@ -534,7 +618,27 @@ class Beit3PreTrainedModel(PreTrainedModel):
         auto_map["AutoModel"] = model_reference
         if self._task_auto_class is not None:
             auto_map[self._task_auto_class] = model_reference
-        self.config.auto_map = auto_map
+        return auto_map
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.save_pretrained`, writing `auto_map` (see `_auto_map`) into the saved `config.json`.
+
+        The entries are set for the duration of the save only: neither building nor saving a model changes its
+        config. They are written when the class is registered as remote code (`register_for_auto_class`, done by
+        `import beit3_hf` and by `trust_remote_code` loading), the case in which the code files are saved too.
+        """
+        if type(self)._auto_class is None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        had_auto_map = "auto_map" in self.config.__dict__
+        previous = getattr(self.config, "auto_map", None)
+        self.config.auto_map = self._auto_map()
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if had_auto_map:
+                self.config.auto_map = previous
+            else:
+                del self.config.auto_map
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -557,9 +661,18 @@ class Beit3PreTrainedModel(PreTrainedModel):
                 init.trunc_normal_(module.weight, std=std, a=-std, b=std)
         elif isinstance(module, Beit3VisionEmbeddings):
             init.zeros_(module.cls_token)
-            init.zeros_(module.mask_token)
+            if module.mask_token is not None:
+                init.zeros_(module.mask_token)
         elif isinstance(module, Beit3ForImageTextRetrieval):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+
+def _require_text_experts(config: Beit3Config, model_name: str) -> None:
+    if config.vision_only:
+        raise ValueError(
+            f"{model_name} reads text, but config.vision_only=True builds no text experts; use a config with "
+            "vision_only=False."
+        )
 
 
 class Beit3Model(Beit3PreTrainedModel):
@@ -568,6 +681,9 @@ class Beit3Model(Beit3PreTrainedModel):
     `last_hidden_state` is the sequence `[vision tokens; text tokens]`: the CLS token and the patches of the image
     (`1 + (H / patch) * (W / patch)` tokens) followed by the text tokens, after the final Multiway layer norm when the
     config has one. Vision-only inputs use the vision experts throughout, text-only inputs the text experts.
+
+    With `config.vision_only=True` the model holds the vision experts only (no text experts, text embeddings or
+    text position table; the parameter names of the vision side are unchanged) and takes `pixel_values` only.
 
     Example:
 
@@ -582,36 +698,57 @@ class Beit3Model(Beit3PreTrainedModel):
     >>> attention_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     >>> model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.shape
     torch.Size([2, 9, 64])
-    >>> model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.shape
-    torch.Size([2, 4, 64])
+    >>> out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    >>> out.last_hidden_state.shape, len(out.hidden_states)
+    (torch.Size([2, 4, 64]), 3)
+    >>> vision_config = Beit3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    ...                             image_size=32, patch_size=16, vision_only=True)
+    >>> Beit3Model(vision_config)(pixel_values=pixel_values).last_hidden_state.shape
+    torch.Size([2, 5, 64])
 
     ```
     """
 
-    def __init__(self, config: Beit3Config) -> None:
+    def __init__(self, config: Beit3Config, use_mask_token: bool | None = None) -> None:
+        r"""
+        Args:
+            config: the architecture.
+            use_mask_token: build the mask token of masked image modelling (`bool_masked_pos`); default: unless
+                `config.vision_only` (an image classifier never masks, and an unused parameter breaks plain DDP).
+        """
         super().__init__(config)
-        self.vision_embeddings = Beit3VisionEmbeddings(config)
-        self.text_embeddings = Beit3TextEmbeddings(config)
+        self.vision_embeddings = Beit3VisionEmbeddings(config, use_mask_token)
+        self.text_embeddings = None if config.vision_only else Beit3TextEmbeddings(config)
         self.encoder = Beit3Encoder(config)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
+    def get_input_embeddings(self) -> nn.Module:
+        """The text token embedding; the patch embedding (as ViT's) in a vision-only model."""
+        if self.text_embeddings is None:
+            return self.vision_embeddings.patch_embedding
         return self.text_embeddings.token_embedding
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.text_embeddings.token_embedding = value
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        if self.text_embeddings is None:
+            self.vision_embeddings.patch_embedding = value
+        else:
+            self.text_embeddings.token_embedding = value
 
-    def embed(
+    def _check_inputs(
         self,
-        pixel_values: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        bool_masked_pos: torch.BoolTensor | None = None,
-        interpolate_pos_encoding: bool = False,
-    ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-        """Embed the inputs into one sequence; returns (embeddings, split_position, key mask with 1 = attend)."""
+        pixel_values: torch.Tensor | None,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_length: int,
+    ) -> None:
+        """Raise a `ValueError` naming the first inconsistent input."""
         if pixel_values is None and input_ids is None:
             raise ValueError("Pass pixel_values, input_ids, or both.")
+        if input_ids is not None and self.config.vision_only:
+            raise ValueError(
+                "This model is vision-only (config.vision_only=True): it has no text experts or text embeddings, "
+                "so it takes pixel_values only, not input_ids."
+            )
         if attention_mask is not None:
             if input_ids is None:
                 raise ValueError("attention_mask masks text tokens, but no input_ids were given.")
@@ -620,12 +757,27 @@ class Beit3Model(Beit3PreTrainedModel):
                     f"attention_mask shape {tuple(attention_mask.shape)} doesn't match input_ids shape "
                     f"{tuple(input_ids.shape)}."
                 )
+            if past_length > 0 and not bool(attention_mask.all()):
+                raise ValueError("Padding is not supported when continuing from past_key_values.")
+        if pixel_values is not None and past_length > 0:
+            raise ValueError("pixel_values start a sequence: they cannot follow a filled past_key_values.")
+
+    def _embed(
+        self,
+        pixel_values: torch.Tensor | None,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        bool_masked_pos: torch.BoolTensor | None,
+        interpolate_pos_encoding: bool,
+        text_position_offset: int,
+    ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """Embed the inputs into one sequence; returns (embeddings, split_position, key mask with 1 = attend)."""
         parts, key_mask = [], None
         if pixel_values is not None:
             parts.append(self.vision_embeddings(pixel_values, bool_masked_pos, interpolate_pos_encoding))
         split_position = parts[0].shape[1] if parts else 0
         if input_ids is not None:
-            text_embeddings = self.text_embeddings(input_ids)
+            text_embeddings = self.text_embeddings(input_ids, position_offset=text_position_offset)
             if attention_mask is not None:
                 # The original zeroes the embeddings of padding tokens; it only changes the outputs at those tokens.
                 text_embeddings = text_embeddings * attention_mask.unsqueeze(-1).to(text_embeddings.dtype)
@@ -650,6 +802,9 @@ class Beit3Model(Beit3PreTrainedModel):
         interpolate_pos_encoding: bool = False,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        past_key_values: Beit3KeyValueCache | None = None,
+        text_attention: TextAttention = "bidirectional",
+        text_position_offset: int = 0,
     ) -> BaseModelOutput:
         r"""
         Args:
@@ -658,16 +813,43 @@ class Beit3Model(Beit3PreTrainedModel):
             attention_mask: (batch, text_len), 1 for tokens to attend to and 0 for padding.
             bool_masked_pos: (batch, num_patches), True where a patch is replaced by the mask token.
             interpolate_pos_encoding: resize the vision position embeddings to the input resolution.
+            output_attentions / output_hidden_states: also return the attention maps (eager attention only; SDPA
+                gives None) / the input of every layer and the final output.
+            past_key_values: a `Beit3KeyValueCache`, filled in place with this call's keys and values; the new
+                tokens attend to the cached ones. Images can only start a sequence (an empty cache).
+            text_attention: `"bidirectional"` (default: every token sees every unpadded token) or `"causal"`
+                (captioning: image tokens see the image only, a text token the image and the text up to itself).
+            text_position_offset: position of the first text token in the text position table (the number of
+                text tokens already in the cache).
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        embeddings, split_position, key_mask = self.embed(
-            pixel_values, input_ids, attention_mask, bool_masked_pos, interpolate_pos_encoding
+        past_length = 0 if past_key_values is None else past_key_values.get_seq_length()
+        self._check_inputs(pixel_values, input_ids, attention_mask, past_length)
+        if past_length > 0:
+            attention_mask = None  # all ones (checked): the cached steps were unpadded too
+        embeddings, split_position, key_mask = self._embed(
+            pixel_values, input_ids, attention_mask, bool_masked_pos, interpolate_pos_encoding, text_position_offset
         )
-        attention_bias = None if key_mask is None else padding_mask_to_attention_bias(key_mask, embeddings.dtype)
-        return self.encoder(embeddings, split_position, attention_bias, output_attentions, output_hidden_states)
+        attention_bias = build_attention_bias(
+            key_mask,
+            num_queries=embeddings.shape[1],
+            num_vision_queries=split_position,
+            past_length=past_length,
+            text_attention=text_attention,
+            dtype=embeddings.dtype,
+            device=embeddings.device,
+        )
+        return self.encoder(
+            embeddings,
+            split_position,
+            attention_bias,
+            output_attentions,
+            output_hidden_states,
+            past_key_values=past_key_values,
+        )
 
 
 class Beit3ForImageClassification(Beit3PreTrainedModel):
@@ -719,6 +901,7 @@ class Beit3ForImageClassification(Beit3PreTrainedModel):
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,  # whatever config.return_dict says: the head reads the fields
         )
         pooled = self.fc_norm(outputs.last_hidden_state[:, 1:].mean(dim=1))  # mean over patches, CLS excluded
         logits = self.classifier(pooled)
@@ -728,6 +911,8 @@ class Beit3ForImageClassification(Beit3PreTrainedModel):
         )
 
     def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """transformers' `ForSequenceClassificationLoss` (by `config.problem_type`, in float32, without inferring
+        the problem type from the labels) plus the original's soft-target cross-entropy for float labels."""
         problem_type = self.config.problem_type
         if problem_type == "regression":
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
@@ -750,6 +935,11 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
     token of each goes through a bias-free projection and is L2-normalised. `return_loss=True` gives the symmetric
     contrastive loss over the batch with temperature `logit_scale.exp()` (not clamped, as the original).
 
+    `get_image_features` / `get_text_features` return a `BaseModelOutputWithPooling` as CLIP's do in transformers 5;
+    unlike CLIP's, their `pooler_output` is already L2-normalised (the embedding the original retrieves with). The
+    forward output carries both as `vision_model_output` / `text_model_output`, with the towers' `hidden_states`
+    and `attentions` when requested.
+
     Example:
 
     ```python
@@ -758,10 +948,13 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
     >>> config = Beit3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
     ...                      image_size=32, patch_size=16, vocab_size=100)
     >>> model = Beit3ForImageTextRetrieval(config)
-    >>> out = model(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.tensor([[0, 5, 2], [0, 6, 2]]),
-    ...             return_loss=True)
+    >>> pixel_values, input_ids = torch.randn(2, 3, 32, 32), torch.tensor([[0, 5, 2], [0, 6, 2]])
+    >>> out = model(pixel_values=pixel_values, input_ids=input_ids, return_loss=True)
     >>> out.logits_per_image.shape, torch.allclose(out.image_embeds.norm(dim=-1), torch.ones(2))
     (torch.Size([2, 2]), True)
+    >>> image_embeds = model.get_image_features(pixel_values).pooler_output
+    >>> image_embeds.shape, torch.allclose(image_embeds, out.image_embeds)
+    (torch.Size([2, 64]), True)
 
     ```
     """
@@ -769,6 +962,7 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
     _task_auto_class = "AutoModelForZeroShotImageClassification"
 
     def __init__(self, config: Beit3Config) -> None:
+        _require_text_experts(config, type(self).__name__)
         super().__init__(config)
         self.beit3 = Beit3Model(config)
         self.vision_projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
@@ -776,15 +970,50 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
 
-    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """(batch, hidden_size) L2-normalised image embeddings."""
-        hidden = self.beit3(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        return F.normalize(self.vision_projection(hidden.last_hidden_state[:, 0]), dim=-1)
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """Encode images alone; `pooler_output` is the (batch, hidden_size) L2-normalised image embedding."""
+        outputs = self.beit3(
+            pixel_values=pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        return self._pooled(outputs, self.vision_projection)
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(batch, hidden_size) L2-normalised text embeddings (from the `<s>` token)."""
-        hidden = self.beit3(input_ids=input_ids, attention_mask=attention_mask)
-        return F.normalize(self.text_projection(hidden.last_hidden_state[:, 0]), dim=-1)
+    @can_return_tuple
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """Encode texts alone; `pooler_output` is the (batch, hidden_size) L2-normalised embedding of `<s>`."""
+        outputs = self.beit3(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        return self._pooled(outputs, self.text_projection)
+
+    @staticmethod
+    def _pooled(outputs: BaseModelOutput, projection: nn.Linear) -> BaseModelOutputWithPooling:
+        return BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=F.normalize(projection(outputs.last_hidden_state[:, 0]), dim=-1),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
     @can_return_tuple
     def forward(
@@ -794,13 +1023,21 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         return_loss: bool | None = None,
         interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
     ) -> Beit3ImageTextRetrievalOutput:
         if pixel_values is None and input_ids is None:
             raise ValueError("Pass pixel_values, input_ids, or both.")
-        image_embeds = (
-            None if pixel_values is None else self.get_image_features(pixel_values, interpolate_pos_encoding)
-        )
-        text_embeds = None if input_ids is None else self.get_text_features(input_ids, attention_mask)
+        requested = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        vision_outputs = text_outputs = None
+        if pixel_values is not None:
+            vision_outputs = self.get_image_features(
+                pixel_values, interpolate_pos_encoding, **requested, return_dict=True
+            )
+        if input_ids is not None:
+            text_outputs = self.get_text_features(input_ids, attention_mask, **requested, return_dict=True)
+        image_embeds = None if vision_outputs is None else vision_outputs.pooler_output
+        text_embeds = None if text_outputs is None else text_outputs.pooler_output
         logits_per_image = logits_per_text = loss = None
         logit_scale = self.logit_scale.exp()
         if image_embeds is not None and text_embeds is not None:
@@ -817,6 +1054,8 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
             image_embeds=image_embeds,
             text_embeds=text_embeds,
             logit_scale=logit_scale,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
         )
 
 
@@ -858,6 +1097,7 @@ class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
     _task_auto_class = "AutoModelForVisualQuestionAnswering"
 
     def __init__(self, config: Beit3Config) -> None:
+        _require_text_experts(config, type(self).__name__)
         super().__init__(config)
         self.beit3 = Beit3Model(config)
         self.pooler = Beit3Pooler(config)
@@ -887,6 +1127,7 @@ class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         logits = self.classifier(self.pooler(outputs.last_hidden_state))
         loss = None
@@ -905,8 +1146,13 @@ class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
 class Beit3ForVisualReasoning(Beit3PreTrainedModel):
     r"""BEiT-3 for NLVR2: is a statement true of a pair of images?
 
-    `pixel_values` has shape (batch, 2, channels, height, width). Each image is fused with the text; the vision CLS
-    and the first text token of both fused sequences are concatenated (4 x hidden) and classified by an MLP.
+    `pixel_values` has shape (batch, 2, channels, height, width): the (left, right) images of each example. Each
+    image is fused with the text; the vision CLS and the first text token of both fused sequences are concatenated
+    (4 x hidden: left CLS, left text, right CLS, right text) and classified by an MLP.
+
+    The two images run as one encoder batch of 2 x batch rows ordered by example: `[example 0 left, example 0 right,
+    example 1 left, ...]`. `hidden_states` and `attentions` keep that layout, (2 * batch, ...); row `2 * i` is the
+    left and row `2 * i + 1` the right image of example `i` (`tensor.view(batch, 2, ...)` separates them).
 
     Example:
 
@@ -917,14 +1163,15 @@ class Beit3ForVisualReasoning(Beit3PreTrainedModel):
     ...                      image_size=32, patch_size=16, vocab_size=100, num_labels=2)
     >>> model = Beit3ForVisualReasoning(config)
     >>> out = model(pixel_values=torch.randn(3, 2, 3, 32, 32), input_ids=torch.tensor([[0, 5, 2]] * 3),
-    ...             labels=torch.tensor([0, 1, 1]))
-    >>> out.logits.shape
-    torch.Size([3, 2])
+    ...             labels=torch.tensor([0, 1, 1]), output_hidden_states=True)
+    >>> out.logits.shape, out.hidden_states[-1].shape  # 3 examples x 2 images; 5 image + 3 text tokens
+    (torch.Size([3, 2]), torch.Size([6, 8, 64]))
 
     ```
     """
 
     def __init__(self, config: Beit3Config) -> None:
+        _require_text_experts(config, type(self).__name__)
         super().__init__(config)
         self.beit3 = Beit3Model(config)
         hidden = config.hidden_size
@@ -952,42 +1199,25 @@ class Beit3ForVisualReasoning(Beit3PreTrainedModel):
                 f"(batch, 2, channels, height, width), got {tuple(pixel_values.shape)}."
             )
         batch_size = pixel_values.shape[0]
-        # Both images of a pair see the same text: run them as one batch [first images; second images].
-        images = pixel_values.transpose(0, 1).flatten(0, 1)  # (2 * batch, channels, height, width)
+        # Both images of an example see its text: one batch [ex 0 left, ex 0 right, ex 1 left, ...].
         outputs = self.beit3(
-            pixel_values=images,
-            input_ids=input_ids.repeat(2, 1),
-            attention_mask=None if attention_mask is None else attention_mask.repeat(2, 1),
+            pixel_values=pixel_values.flatten(0, 1),  # (batch * 2, channels, height, width)
+            input_ids=input_ids.repeat_interleave(2, dim=0),
+            attention_mask=None if attention_mask is None else attention_mask.repeat_interleave(2, dim=0),
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
-        hidden = outputs.last_hidden_state
-        split_position = self.beit3.vision_embeddings.num_tokens(*images.shape[-2:])
-        pair_features = torch.cat([hidden[:, 0], hidden[:, split_position]], dim=-1)  # (2 * batch, 2 * hidden)
-        first, second = pair_features.split(batch_size, dim=0)
-        logits = self.classifier(torch.cat([first, second], dim=-1))  # (batch, num_labels) from (batch, 4 * hidden)
+        hidden = outputs.last_hidden_state  # (batch * 2, vision_len + text_len, hidden)
+        split_position = hidden.shape[1] - input_ids.shape[1]
+        image_text_features = torch.cat([hidden[:, 0], hidden[:, split_position]], dim=-1)  # (batch * 2, 2 * hidden)
+        left_features, right_features = image_text_features.view(batch_size, 2, -1).unbind(dim=1)
+        logits = self.classifier(torch.cat([left_features, right_features], dim=-1))  # from (batch, 4 * hidden)
         loss = None if labels is None else F.cross_entropy(logits.float(), labels.view(-1))
         return SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-
-
-def captioning_attention_bias(
-    num_image_tokens: int, num_queries: int, past_length: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """(1, 1, queries, past + queries) additive bias of the captioning model.
-
-    Image tokens see every image token and no text; a text token sees the image and the text up to itself. Queries
-    sit at positions `past_length ..` of the sequence (the first `num_image_tokens` of which are the image).
-    """
-    query_positions = torch.arange(past_length, past_length + num_queries, device=device)[:, None]
-    key_positions = torch.arange(past_length + num_queries, device=device)[None, :]
-    allowed = key_positions <= query_positions  # causal
-    image_query = query_positions < num_image_tokens
-    allowed = torch.where(image_query, key_positions < num_image_tokens, allowed)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return bias[None, None]
 
 
 class Beit3ForCaptioning(Beit3PreTrainedModel):
@@ -995,7 +1225,7 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
 
     Training (as the original): `input_ids` is the caption with some tokens replaced by `<mask>`, `labels` holds the
     original token at those positions and -100 elsewhere; text sees the image and earlier text, the image sees only
-    itself. The loss is the original's label-smoothed KL (`config.label_smoothing`, 0.1 by default) averaged over the
+    itself (the base model with `text_attention="causal"`). The loss is the original's label-smoothed KL (`config.label_smoothing`, 0.1 by default) averaged over the
     labelled tokens. `generate` decodes with the original's scheme: `[<s>, <mask>]` after the image, then
     `[last token, <mask>]` steps with cached keys and values, predicting at the `<mask>` slot.
 
@@ -1021,6 +1251,7 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
     _task_auto_class = "AutoModelForImageTextToText"
 
     def __init__(self, config: Beit3Config) -> None:
+        _require_text_experts(config, type(self).__name__)
         super().__init__(config)
         self.beit3 = Beit3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
@@ -1039,6 +1270,9 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
         past_key_values: Beit3KeyValueCache | None = None,
         use_cache: bool = False,
         interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        text_position_offset: int | None = None,
     ) -> Beit3CaptioningOutput:
         r"""
         Args:
@@ -1048,50 +1282,44 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
             labels: (batch, text_len) target ids at the predicted positions, -100 elsewhere.
             past_key_values: cache of earlier steps; the new text continues at the next position.
             use_cache: return the (updated) cache.
+            text_position_offset: text position of the first token of `input_ids`. By default 0 on the first step
+                and, when continuing, the number of cached text tokens for an image of `config.image_size` (pass
+                it when the first step ran at another resolution with `interpolate_pos_encoding=True`).
         """
         if input_ids is None:
             raise ValueError("Beit3ForCaptioning needs input_ids (at least `<s> <mask>` to start a caption).")
         if use_cache and past_key_values is None:
             past_key_values = Beit3KeyValueCache()
-        past_length = past_key_values.seq_length() if past_key_values is not None else 0
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if pixel_values is None and past_length == 0:
             raise ValueError("Beit3ForCaptioning needs an image: pass pixel_values (or past_key_values holding one).")
-        if pixel_values is not None and past_length > 0:
-            raise ValueError("pixel_values must only be given on the first step, not with a filled past_key_values.")
-        embeddings, split_position, key_mask = self._embed(
-            pixel_values, input_ids, attention_mask, past_key_values, interpolate_pos_encoding
+        if text_position_offset is None:
+            text_position_offset = 0 if past_length == 0 else past_length - self.config.num_patches - 1
+            if text_position_offset < 0:
+                raise ValueError(
+                    "The cache is shorter than the image at config.image_size: pass text_position_offset."
+                )
+        outputs = self.beit3(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            past_key_values=past_key_values,
+            text_attention="causal",
+            text_position_offset=text_position_offset,
+            return_dict=True,
         )
-        num_image_tokens = split_position if past_length == 0 else past_key_values.num_image_tokens
-        bias = captioning_attention_bias(
-            num_image_tokens, embeddings.shape[1], past_length, embeddings.dtype, embeddings.device
-        )
-        if key_mask is not None:
-            bias = bias + padding_mask_to_attention_bias(key_mask, embeddings.dtype)
-        hidden = self.beit3.encoder(embeddings, split_position, bias, past_key_values=past_key_values)
-        logits = self.lm_head(hidden.last_hidden_state[:, split_position:])  # text positions only
+        logits = self.lm_head(outputs.last_hidden_state[:, -input_ids.shape[1] :])  # text positions only
         loss = None if labels is None else self.captioning_loss(logits, labels)
-        return Beit3CaptioningOutput(loss=loss, logits=logits, cache=past_key_values if use_cache else None)
-
-    def _embed(
-        self,
-        pixel_values: torch.Tensor | None,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: Beit3KeyValueCache | None,
-        interpolate_pos_encoding: bool,
-    ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-        if pixel_values is not None:
-            embeddings, split_position, key_mask = self.beit3.embed(
-                pixel_values, input_ids, attention_mask, interpolate_pos_encoding=interpolate_pos_encoding
-            )
-            if cache is not None:
-                cache.num_image_tokens = split_position
-            return embeddings, split_position, key_mask
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("Padding is not supported when continuing from past_key_values.")
-        # Text continues after the cached text tokens (the cache also holds the image tokens).
-        offset = cache.seq_length() - cache.num_image_tokens
-        return self.beit3.text_embeddings(input_ids, position_offset=offset), 0, None
+        return Beit3CaptioningOutput(
+            loss=loss,
+            logits=logits,
+            cache=past_key_values if use_cache else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
     def captioning_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The original `BertCaptioningLoss` (without its drop-worst schedule): KL to label-smoothed targets."""
@@ -1150,6 +1378,8 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
                 past_key_values=cache,
                 use_cache=True,
                 interpolate_pos_encoding=interpolate_pos_encoding,
+                text_position_offset=length - 2,  # the cache holds the image and the caption but its last token
+                return_dict=True,
             ).logits[:, 1]  # the <mask> slot predicts the next token
             scores = F.log_softmax(logits.float(), dim=-1) + beam_scores[:, None]
             top_scores, top_ids = scores.view(batch_size, num_beams * vocab_size).topk(3 * num_beams, dim=1)
@@ -1181,7 +1411,7 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
             tokens = torch.tensor([beam[1] for beam in next_beams], device=device)
             rows = torch.tensor([beam[2] for beam in next_beams], device=device)
             sequences = torch.cat([sequences[rows], tokens[:, None]], dim=1)
-            cache.select(rows)
+            cache.reorder_cache(rows)
             cache.drop_last(1)  # forget the <mask> slot: the next step feeds the chosen token in its place
             step_ids = torch.stack([tokens, torch.full_like(tokens, config.mask_token_id)], dim=1)
         captions = [[*caption, config.eos_token_id] for _, caption in best]
@@ -1223,11 +1453,247 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
         return best is not None and best[0] >= best_open_score / (max_length - 1) ** length_penalty
 
 
+@dataclass
+class Beit3PreTrainingOutput(ModelOutput):
+    """Output of `Beit3ForPreTraining`.
+
+    Args:
+        loss: `mlm_loss + mim_loss` over the objectives that had labels.
+        mlm_loss: mean cross-entropy of the text positions with `mlm_labels != -100`.
+        mim_loss: mean cross-entropy of the masked patches with `mim_labels != -100`.
+        mlm_logits: (batch, text_len, vocab_size) scores of every text position (full length, not packed).
+        mim_logits: (batch, num_patches, visual_vocab_size) scores of every patch (full length, not packed).
+        hidden_states / attentions: as `Beit3Model` returns them.
+    """
+
+    loss: torch.Tensor | None = None
+    mlm_loss: torch.Tensor | None = None
+    mim_loss: torch.Tensor | None = None
+    mlm_logits: torch.Tensor | None = None
+    mim_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def masked_image_modeling_loss(
+    logits: torch.Tensor, labels: torch.Tensor, bool_masked_pos: torch.BoolTensor | None
+) -> torch.Tensor:
+    """Mean loss over the masked patches (`bool_masked_pos`) whose label is not -100.
+
+    Integer `labels` (batch, num_patches) are visual token ids (cross-entropy, BEiT); float `labels`
+    (batch, num_patches, channels) are normalised pixel targets (mean squared error, `--mim_target pixels`).
+    """
+    if labels.is_floating_point():
+        if labels.shape != logits.shape:
+            raise ValueError(
+                f"pixel labels must have the logits' shape {tuple(logits.shape)}, got {tuple(labels.shape)}."
+            )
+        selected = torch.ones(labels.shape[:2], dtype=torch.bool, device=labels.device)
+        if bool_masked_pos is not None:
+            selected = selected & bool_masked_pos
+        return F.mse_loss(logits[selected].float(), labels[selected].float())
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"labels must have shape (batch, num_patches) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}."
+        )
+    if bool_masked_pos is not None:
+        labels = labels.masked_fill(~bool_masked_pos, -100)  # only masked patches are predicted
+    return token_cross_entropy(logits, labels)
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (float32) over the positions whose label is not -100; 0 (with a gradient path) if none.
+
+    Token ids outside the vocabulary are a clear error, not a device-side assert.
+    """
+    labels = labels.flatten()
+    valid = labels != -100
+    if bool(((labels[valid] < 0) | (labels[valid] >= logits.shape[-1])).any()):
+        raise ValueError(f"labels must be -100 or token ids in [0, {logits.shape[-1]}).")
+    losses = F.cross_entropy(logits.flatten(0, -2).float(), labels, ignore_index=-100, reduction="sum")
+    return losses / valid.sum().clamp(min=1)
+
+
+class Beit3ForMaskedImageModeling(Beit3PreTrainedModel):
+    r"""BEiT-3 for BEiT-style masked image modelling, image only (no text branch).
+
+    Patches where `bool_masked_pos` is True are replaced by the mask token; `mim_head` (a linear layer over the patch
+    tokens) scores each patch against the visual vocabulary (`config.visual_vocab_size`, the codebook of a VQ-KD or
+    DALL-E tokenizer), or regresses its normalised pixels (`--mim_target pixels`: `visual_vocab_size =
+    patch_size**2 * num_channels`). The loss is the mean over the masked patches only. A folder of
+    `Beit3ForPreTraining` (a converted pretrained checkpoint) loads directly: its vision side and `mim_head` are used.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from beit3_hf import Beit3Config, Beit3ForMaskedImageModeling
+    >>> config = Beit3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    ...                      image_size=32, patch_size=16, vocab_size=100, visual_vocab_size=50)
+    >>> model = Beit3ForMaskedImageModeling(config)
+    >>> bool_masked_pos = torch.tensor([[True, False, True, False]])
+    >>> labels = torch.tensor([[3, 7, 9, 1]])  # visual token ids of the 4 patches
+    >>> out = model(pixel_values=torch.randn(1, 3, 32, 32), bool_masked_pos=bool_masked_pos, labels=labels)
+    >>> out.logits.shape, out.loss.ndim
+    (torch.Size([1, 4, 50]), 0)
+
+    ```
+    """
+
+    _task_auto_class = "AutoModelForMaskedImageModeling"
+
+    def __init__(self, config: Beit3Config) -> None:
+        if not config.vision_only:  # image-only: the text side would be dead weight (and break plain DDP)
+            config = copy.deepcopy(config)
+            config.vision_only = True
+        super().__init__(config)
+        self.beit3 = Beit3Model(config, use_mask_token=True)
+        self.mim_head = nn.Linear(config.hidden_size, config.visual_vocab_size)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> MaskedLMOutput:
+        r"""
+        Args:
+            pixel_values: (batch, channels, height, width) images.
+            bool_masked_pos: (batch, num_patches), True where a patch is replaced by the mask token.
+            labels: (batch, num_patches) visual token ids (-100: ignore), or (batch, num_patches, visual_vocab_size)
+                float pixel targets; the loss covers the masked patches only.
+        """
+        if pixel_values is None:
+            raise ValueError("Beit3ForMaskedImageModeling needs pixel_values.")
+        outputs = self.beit3(
+            pixel_values=pixel_values,
+            bool_masked_pos=bool_masked_pos,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.mim_head(outputs.last_hidden_state[:, 1:])  # (batch, num_patches, visual_vocab), CLS dropped
+        loss = None if labels is None else masked_image_modeling_loss(logits, labels, bool_masked_pos)
+        return MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class Beit3ForPreTraining(Beit3PreTrainedModel):
+    r"""BEiT-3 with the pretraining heads of the released checkpoints: `mlm_head` (text) and `mim_head` (images).
+
+    It computes masked language modelling on texts and on image-text pairs (the text of a pair attends to the
+    image) and masked image modelling on images, from one forward: give `input_ids` (+ `attention_mask`,
+    `mlm_labels`), `pixel_values` (+ `bool_masked_pos`, `mim_labels`), or both. Labels use -100 for positions
+    without a target; `mlm_logits` / `mim_logits` are full length (every text position / every patch).
+    `python -m beit3_hf.convert --task pretraining` converts `beit3_{base,large}_patch16_224.pth` with every key.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from beit3_hf import Beit3Config, Beit3ForPreTraining
+    >>> config = Beit3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    ...                      image_size=32, patch_size=16, vocab_size=100, visual_vocab_size=50)
+    >>> model = Beit3ForPreTraining(config)
+    >>> input_ids = torch.tensor([[0, 99, 12, 2]])
+    >>> mlm_labels = torch.tensor([[-100, 11, -100, -100]])
+    >>> out = model(input_ids=input_ids, mlm_labels=mlm_labels)  # text only
+    >>> out.mlm_logits.shape, out.mim_logits is None
+    (torch.Size([1, 4, 100]), True)
+
+    ```
+    """
+
+    _task_auto_class = "AutoModelForPreTraining"
+
+    def __init__(self, config: Beit3Config) -> None:
+        super().__init__(config)
+        _require_text_experts(config, type(self).__name__)
+        self.beit3 = Beit3Model(config, use_mask_token=True)
+        self.mlm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.mim_head = nn.Linear(config.hidden_size, config.visual_vocab_size)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.mlm_head
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+        mim_labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> Beit3PreTrainingOutput:
+        r"""
+        Args:
+            pixel_values: (batch, channels, height, width) images, alone or paired with `input_ids`.
+            input_ids: (batch, text_len) text with `<mask>` at the positions to predict.
+            attention_mask: (batch, text_len), 1 for tokens to attend to and 0 for padding.
+            bool_masked_pos: (batch, num_patches), True where a patch is replaced by the mask token.
+            mlm_labels: (batch, text_len) target token ids, -100 elsewhere.
+            mim_labels: (batch, num_patches) target visual token ids, -100 elsewhere (only masked patches count).
+        """
+        if mlm_labels is not None and input_ids is None:
+            raise ValueError("mlm_labels were given without input_ids.")
+        if mim_labels is not None and pixel_values is None:
+            raise ValueError("mim_labels were given without pixel_values.")
+        outputs = self.beit3(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            bool_masked_pos=bool_masked_pos,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden = outputs.last_hidden_state
+        split_position = (
+            0 if pixel_values is None else hidden.shape[1] - (0 if input_ids is None else input_ids.shape[1])
+        )
+        mim_logits = None if pixel_values is None else self.mim_head(hidden[:, 1:split_position])  # patches, no CLS
+        mlm_logits = None if input_ids is None else self.mlm_head(hidden[:, split_position:])  # text positions
+        mlm_loss = mim_loss = None
+        if mlm_labels is not None:
+            if mlm_labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"mlm_labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(mlm_labels.shape)}."
+                )
+            mlm_loss = token_cross_entropy(mlm_logits, mlm_labels)
+        if mim_labels is not None:
+            mim_loss = masked_image_modeling_loss(mim_logits, mim_labels, bool_masked_pos)
+        losses = [value for value in (mlm_loss, mim_loss) if value is not None]
+        return Beit3PreTrainingOutput(
+            loss=sum(losses) if losses else None,
+            mlm_loss=mlm_loss,
+            mim_loss=mim_loss,
+            mlm_logits=mlm_logits,
+            mim_logits=mim_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
 __all__ = [
     "Beit3CaptioningOutput",
     "Beit3ForCaptioning",
     "Beit3ForImageClassification",
     "Beit3ForImageTextRetrieval",
+    "Beit3ForMaskedImageModeling",
+    "Beit3ForPreTraining",
     "Beit3ForVisualQuestionAnswering",
     "Beit3ForVisualReasoning",
     "Beit3ImageTextRetrievalOutput",
@@ -1235,6 +1701,8 @@ __all__ = [
     "Beit3Model",
     "Beit3Multiway",
     "Beit3PreTrainedModel",
+    "Beit3PreTrainingOutput",
+    "build_attention_bias",
     "image_text_contrastive_loss",
     "resize_patch_position_embeddings",
 ]

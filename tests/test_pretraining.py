@@ -1,0 +1,159 @@
+"""Masked image modelling and the pretraining heads: conversion, the MIM model, and examples/pretraining/run_mim.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from beit3_hf import Beit3Config, Beit3ForMaskedImageModeling, Beit3ForPreTraining, VqkdConfig, VqkdModel
+from beit3_hf.conversion import checkpoint as convert
+from beit3_hf.testing.synthetic_data import write_synthetic_dataset
+
+from oracle_utils import load_example_script, original_checkpoint, read_fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+run_mim = load_example_script(ROOT / "examples" / "pretraining" / "run_mim.py")
+
+
+@pytest.fixture(scope="module")
+def pretraining_folder(tmp_path_factory) -> Path:
+    tensors, metadata = read_fixture("pretraining")
+    root = tmp_path_factory.mktemp("pretraining")
+    args = ["--checkpoint", str(original_checkpoint(tensors, root / "pt.pth")), "--task", "pretraining",
+            "--output", str(root / "hf"), "--num-attention-heads", metadata["num_attention_heads"]]  # fmt: skip
+    assert convert.main(args) == 0
+    return root / "hf"
+
+
+def test_pretraining_conversion_maps_every_key(pretraining_folder, capsys):
+    tensors, _ = read_fixture("pretraining")
+    original_keys = {key for key in tensors if key.startswith("weights/")}
+    saved = load_file(pretraining_folder / "model.safetensors")
+    assert len(saved) == len(original_keys) and {"mlm_head.weight", "mim_head.weight"} <= set(saved)
+    config = json.loads((pretraining_folder / "config.json").read_text())
+    assert config["visual_vocab_size"] == 24 and config["architectures"] == ["Beit3ForPreTraining"]
+
+
+def test_masked_image_model_loads_the_vision_side_of_a_pretraining_folder(pretraining_folder):
+    pretraining = Beit3ForPreTraining.from_pretrained(pretraining_folder).eval()
+    mim = Beit3ForMaskedImageModeling.from_pretrained(pretraining_folder).eval()
+    assert mim.config.vision_only and mim.beit3.text_embeddings is None
+    assert sum(p.numel() for p in mim.parameters()) < sum(p.numel() for p in pretraining.parameters())
+    tensors, _ = read_fixture("pretraining")
+    pixel_values, masked = tensors["inputs/image/pixel_values"], tensors["inputs/image/bool_masked_pos"]
+    with torch.no_grad():
+        expected = pretraining(pixel_values=pixel_values, bool_masked_pos=masked).mim_logits
+        actual = mim(pixel_values=pixel_values, bool_masked_pos=masked).logits
+    assert torch.equal(actual, expected)
+
+
+def tiny_config(**overrides) -> Beit3Config:
+    kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, image_size=32,
+                  patch_size=16, vocab_size=50, visual_vocab_size=12)  # fmt: skip
+    return Beit3Config(**{**kwargs, **overrides})
+
+
+def test_mim_loss_covers_the_masked_patches_only():
+    torch.manual_seed(0)
+    model = Beit3ForMaskedImageModeling(tiny_config())
+    pixel_values = torch.randn(2, 3, 32, 32)
+    masked = torch.tensor([[True, False, True, False], [False, False, False, True]])
+    labels = torch.randint(0, 12, (2, 4))
+    out = model(pixel_values=pixel_values, bool_masked_pos=masked, labels=labels)
+    expected = torch.nn.functional.cross_entropy(out.logits[masked], labels[masked])
+    torch.testing.assert_close(out.loss, expected)
+    changed = labels.clone()
+    changed[~masked] = (changed[~masked] + 1) % 12  # labels of unmasked patches do not matter
+    torch.testing.assert_close(model(pixel_values=pixel_values, bool_masked_pos=masked, labels=changed).loss, out.loss)
+    labels[0, 0] = -100  # ignored as well
+    expected = torch.nn.functional.cross_entropy(out.logits[masked][1:], labels[masked][1:])
+    torch.testing.assert_close(model(pixel_values=pixel_values, bool_masked_pos=masked, labels=labels).loss, expected)
+    with pytest.raises(ValueError, match="labels must be -100 or token ids"):
+        model(pixel_values=pixel_values, bool_masked_pos=masked, labels=torch.full((2, 4), 12))
+    assert next(iter(out)) == "loss"
+
+
+def test_pretraining_heads_on_texts_images_and_pairs():
+    torch.manual_seed(0)
+    model = Beit3ForPreTraining(tiny_config()).eval()
+    pixel_values, input_ids = torch.randn(2, 3, 32, 32), torch.tensor([[0, 5, 6, 2], [0, 7, 2, 1]])
+    attention_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    mlm_labels = torch.tensor([[-100, 5, -100, -100], [-100, 7, -100, -100]])
+    masked = torch.tensor([[True, True, False, False], [False, True, True, False]])
+    mim_labels = torch.randint(0, 12, (2, 4))
+    text = model(input_ids=input_ids, attention_mask=attention_mask, mlm_labels=mlm_labels)
+    assert text.mim_logits is None and text.mlm_logits.shape == (2, 4, 50) and text.loss == text.mlm_loss
+    image = model(pixel_values=pixel_values, bool_masked_pos=masked, mim_labels=mim_labels)
+    assert image.mlm_logits is None and image.mim_logits.shape == (2, 4, 12) and image.loss == image.mim_loss
+    pair = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                 bool_masked_pos=masked, mlm_labels=mlm_labels, mim_labels=mim_labels)  # fmt: skip
+    torch.testing.assert_close(pair.loss, pair.mlm_loss + pair.mim_loss)
+    assert list(pair.keys())[:3] == ["loss", "mlm_loss", "mim_loss"]
+    with pytest.raises(ValueError, match="mlm_labels were given without input_ids"):
+        model(pixel_values=pixel_values, mlm_labels=mlm_labels)
+
+
+def test_image_classification_converts_vision_only(tmp_path, capsys):
+    tensors, metadata = read_fixture("image-classification")
+    args = ["--checkpoint", str(original_checkpoint(tensors, tmp_path / "cls.pth")), "--task", "image-classification",
+            "--output", str(tmp_path / "out"), "--num-attention-heads", metadata["num_attention_heads"]]  # fmt: skip
+    assert convert.main(args) == 0
+    output = capsys.readouterr().out
+    assert "Dropped 43 keys not used by --task image-classification" in output  # the text side and the mask token
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert not [key for key in saved if ".text" in key or "mask_token" in key]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vision_only"] is True
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mim-data")
+    paths = write_synthetic_dataset(root / "data", num_train=1, num_val=0, num_test=0, image_size=32,
+                                    classification_train_per_class=2, classification_val_per_class=1)  # fmt: skip
+    return Path(paths.imagenet) / "train"
+
+
+def mim_args(images: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config_name", "beit3-base-patch16-224",
+        "--config_overrides", "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=48,"
+        "image_size=32,patch_size=8",
+        "--train_dir", str(images), "--output_dir", str(output_dir), "--do_train",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--report_to", "none",
+        "--use_cpu", "--dataloader_num_workers", "0", "--logging_steps", "1", "--seed", "0", *extra,
+    ]  # fmt: skip
+
+
+def test_run_mim_with_a_visual_tokenizer_and_resume(images, tmp_path):
+    tokenizer_dir = tmp_path / "vqkd"
+    torch.manual_seed(0)
+    VqkdModel(VqkdConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, codebook_size=16, codebook_dim=8)).save_pretrained(tokenizer_dir)  # fmt: skip
+    output_dir = tmp_path / "run"
+    args = mim_args(images, output_dir, "--visual_tokenizer", str(tokenizer_dir), "--save_steps", "2")
+    first = run_mim.main([*args, "--max_steps", "2"])
+    assert first["train_undecodable_images"] == 0
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert any("mim_accuracy" in entry for entry in state["log_history"])
+    # The same command with more steps continues from checkpoint-2 (interrupted runs resume, never restart).
+    run_mim.main([*args, "--max_steps", "4"])
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert state["global_step"] == 4 and steps == [1, 2, 3, 4]
+    model = Beit3ForMaskedImageModeling.from_pretrained(output_dir)
+    assert model.config.visual_vocab_size == 16 and model.config.vision_only
+
+
+def test_run_mim_pixel_targets_and_argument_errors(images, tmp_path):
+    metrics = run_mim.main([*mim_args(images, tmp_path / "pixels", "--mim_target", "pixels"), "--max_steps", "2"])
+    assert metrics["train_loss"] > 0
+    config = json.loads((tmp_path / "pixels" / "config.json").read_text())
+    assert config["visual_vocab_size"] == 8 * 8 * 3
+    with pytest.raises(ValueError, match="needs --visual_tokenizer"):
+        run_mim.main([*mim_args(images, tmp_path / "e1"), "--max_steps", "1"])
+    with pytest.raises(ValueError, match="exactly one of --train_dir"):
+        run_mim.main([*mim_args(images, tmp_path / "e2", "--mim_target", "pixels", "--webdataset", "x.tar")])

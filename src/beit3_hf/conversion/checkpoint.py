@@ -258,9 +258,6 @@ def model_from_state_dict(
         raise ConversionError(f"Unknown task {task!r}; choose one of {sorted(TASK_CLASSES)}.")
     config = infer_config(state_dict, task, num_attention_heads, mask_token_id)
     converted, dropped = convert_state_dict(state_dict, task, ignore_unused)
-    if image_size is not None and image_size != config.image_size:
-        prefix = "" if TASKS[task].model_class is Beit3Model else "beit3."
-        resize_vision_positions(converted, prefix, config, image_size)
     model = TASK_CLASSES[task](config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(converted))
@@ -275,6 +272,8 @@ def model_from_state_dict(
                 f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(expected[key].shape)}."
             )
     model.load_state_dict({key: value.to(dtype) for key, value in converted.items()}, strict=True)
+    if image_size is not None and image_size != config.image_size:
+        model = resize_model(model, image_size)
     return model.to(dtype).eval(), dropped
 
 

@@ -97,11 +97,20 @@ def test_batched_generation_equals_one_at_a_time(model):
         assert (batched[row, len(single) :] == model.config.pad_token_id).all()
 
 
-def test_max_new_tokens_is_max_length_minus_the_prompt(model):
+def test_max_new_tokens_counts_the_tokens_after_bos(model):
     pixel_values = images(2)
     torch.testing.assert_close(
-        model.generate(pixel_values, max_new_tokens=5), model.generate(pixel_values, max_length=6)
+        model.generate(pixel_values, max_new_tokens=5), model.generate(pixel_values, max_length=7)
     )
+    with torch.no_grad():
+        model.lm_head.bias[model.config.eos_token_id] -= 100  # never ends early: every caption reaches the limit
+        try:
+            for max_new_tokens in (2, 5):
+                captions = model.generate(pixel_values, max_new_tokens=max_new_tokens)
+                assert captions.shape == (2, 1 + max_new_tokens)  # <s>, then tokens up to </s> included
+                assert (captions[:, 1:-1] != model.config.eos_token_id).all()
+        finally:
+            model.lm_head.bias[model.config.eos_token_id] += 100
 
 
 def test_generation_errors(model):
@@ -109,8 +118,13 @@ def test_generation_errors(model):
         model.generate(None)
     with pytest.raises(ValueError, match="num_beams must be a positive integer"):
         model.generate(images(1), num_beams=0)
-    with pytest.raises(ValueError, match="shorter than a caption"):
-        model.generate(images(1), max_length=2)
+    for max_length in (2, 3):  # max_length=3 used to return `<s> </s>`, an empty caption, for every image
+        with pytest.raises(ValueError, match=f"max_length={max_length} is shorter than a caption"):
+            model.generate(images(1), max_length=max_length)
+    with pytest.raises(ValueError, match="max_new_tokens=1 is shorter than a caption"):
+        model.generate(images(1), max_new_tokens=1)
+    with pytest.raises(TypeError, match="pixel_values has dtype torch.uint8"):
+        model.generate(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match="max_length or max_new_tokens, not both"):
         model.generate(images(1), max_length=5, max_new_tokens=3)
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):

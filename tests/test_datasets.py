@@ -206,6 +206,17 @@ def test_karpathy_missing_or_invalid_file(tmp_path):
         load_karpathy_split(bad, tmp_path, "test")
 
 
+def test_json_in_another_encoding_names_the_file(tmp_path):
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('{"images": [{"filename": "café.jpg"}]}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.json: not UTF-8 text \(byte 29: invalid continuation byte\)"):
+        load_karpathy_split(latin1, tmp_path, "test")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_bytes('{"image": "a.jpg", "caption": "un café"}\n'.encode("cp1252"))
+    with pytest.raises(ValueError, match=r"captions\.jsonl: not UTF-8 text"):
+        load_caption_jsonl(captions)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # {"image", "caption"} files
 # ----------------------------------------------------------------------------------------------------------------

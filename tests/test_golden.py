@@ -9,16 +9,20 @@ must reproduce the original beam search's ids, and the tokenizer the original's 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from beit3_hf.conversion import checkpoint as convert
 from beit3_hf.conversion.tasks import TASKS as TASK_TABLE
 from beit3_hf.conversion.tokenizer import load_sentencepiece_tokenizer
+from beit3_hf.model_card import PIPELINE_TAGS
 
 from oracle_utils import GOLDEN, assert_parity, group, original_checkpoint, read_fixture, run_fresh_python
 
@@ -44,6 +48,27 @@ def converted(tmp_path_factory) -> dict[str, tuple[Path, dict[str, torch.Tensor]
         assert convert.main(args) == 0
         result[task] = (folder, tensors, metadata)
     return result
+
+
+def test_model_cards_carry_hub_metadata_and_their_usage_snippets_run(converted, tmp_path):
+    """Every converted folder has a `README.md` model card: strict metadata with the task's pipeline tag, and a usage
+    snippet that runs as written (the folder name swapped for its path) in a process without `beit3_hf`."""
+    snippets = []
+    for task in TASKS:
+        folder = converted[task][0]
+        card = ModelCard.load(folder / "README.md", ignore_metadata_errors=False)
+        assert card.data.library_name == "transformers" and card.data.license == "mit"
+        assert card.data.pipeline_tag == PIPELINE_TAGS[task] and "beit3" in card.data.tags
+        assert f"from the original checkpoint `{task}.pth`" in card.text
+        (snippet,) = re.findall(r"```python\n(.*?)```", card.text, flags=re.DOTALL)
+        assert snippet.count(f'"{task}"') == 2  # the model and the processor load the folder
+        snippets.append(f"def run_{task.replace('-', '_')}():\n" + "".join(
+            f"    {line}\n" for line in snippet.replace(f'"{task}"', repr(str(folder))).splitlines()
+        ) + f"    print('ran {task}')\nrun_{task.replace('-', '_')}()\n")  # fmt: skip
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(tmp_path / "image.jpg")
+    result = run_fresh_python("\n".join(snippets), tmp_path)
+    assert all(f"ran {task}" in result.stdout for task in TASKS)
+    assert "tensor([[" in result.stdout  # the retrieval snippet's probabilities, printed
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
+from PIL import Image
 from safetensors.torch import load_file
 
 from beit3_hf import Beit3Config, Beit3ForMaskedImageModeling, Beit3ForPreTraining, VqkdConfig, VqkdModel
 from beit3_hf.conversion import checkpoint as convert
 from beit3_hf.testing.synthetic_data import write_synthetic_dataset
 
-from oracle_utils import load_example_script, original_checkpoint, read_fixture
+from oracle_utils import load_example_script, original_checkpoint, read_fixture, run_fresh_python
 
 ROOT = Path(__file__).resolve().parents[1]
 run_mim = load_example_script(ROOT / "examples" / "pretraining" / "run_mim.py")
@@ -153,6 +156,12 @@ def test_run_mim_pixel_targets_and_argument_errors(images, tmp_path):
     assert metrics["train_loss"] > 0
     config = json.loads((tmp_path / "pixels" / "config.json").read_text())
     assert config["visual_vocab_size"] == 8 * 8 * 3
+    # The model card describes an image feature extractor, and its snippet runs as written without beit3_hf.
+    card = ModelCard.load(tmp_path / "pixels" / "README.md", ignore_metadata_errors=False)
+    assert card.data.pipeline_tag == "image-feature-extraction" and "- learning_rate: 0.001\n" in card.text
+    (snippet,) = re.findall(r"```python\n(.*?)```", card.text, flags=re.DOTALL)
+    Image.new("RGB", (40, 30), "blue").save(tmp_path / "image.jpg")
+    run_fresh_python(snippet.replace('"pixels"', repr(str(tmp_path / "pixels"))) + "print(features.shape)", tmp_path)
     with pytest.raises(ValueError, match="needs --visual_tokenizer"):
         run_mim.main([*mim_args(images, tmp_path / "e1"), "--max_steps", "1"])
     with pytest.raises(ValueError, match="exactly one of --train_dir"):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from beit3_hf.testing.synthetic_data import write_synthetic_dataset
 from beit3_hf.training.scripts import ScriptTrainingArguments, last_complete_checkpoint, resolve_checkpoint
@@ -37,7 +37,13 @@ def fake_checkpoint(output_dir: Path, step: int, files=COMPLETE) -> Path:
     folder = output_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     for name in files:
-        (folder / name).write_text("{}")
+        path = folder / name
+        if name.endswith(".safetensors"):
+            save_file({"weight": torch.zeros(4, 4)}, path)
+        elif name.endswith((".pt", ".pth")):
+            torch.save({"state": torch.zeros(4)}, path)
+        else:
+            path.write_text("{}")
     return folder
 
 
@@ -78,10 +84,35 @@ def test_explicit_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--resume_from_checkpoint .*nowhere: no such folder"):
         resolve_checkpoint(training_args(tmp_path, resume_from_checkpoint=str(tmp_path / "nowhere")))
     partial = fake_checkpoint(tmp_path / "a", 3, files=("model.safetensors",))
-    with pytest.raises(ValueError, match=r"not a complete Trainer checkpoint \(no \['trainer_state.json'\]\)"):
+    with pytest.raises(ValueError, match=r"not a complete Trainer checkpoint \(no trainer_state.json\)"):
         resolve_checkpoint(training_args(tmp_path, resume_from_checkpoint=str(partial)))
     other = fake_checkpoint(tmp_path / "b", 7)
     assert resolve_checkpoint(training_args(tmp_path / "c", resume_from_checkpoint=str(other))) == str(other)
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("model.safetensors", truncate),
+        ("optimizer.pt", truncate),
+        ("scheduler.pt", lambda path: path.write_bytes(b"")),
+        ("trainer_state.json", lambda path: path.write_text('{"global_step": 1')),
+        ("trainer_state.json", lambda path: path.write_bytes(b'{"best_model": "\xff\xfe"}')),  # not UTF-8
+    ],
+)
+def test_truncated_checkpoint_files_are_named_and_skipped(tmp_path, caplog, name, damage):
+    fake_checkpoint(tmp_path, 2)
+    damage(fake_checkpoint(tmp_path, 4) / name)  # a run killed while writing this file
+    with caplog.at_level(logging.WARNING):
+        assert resolve_checkpoint(training_args(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert f"checkpoint-4 ({name} is truncated or corrupt" in caplog.text
+    with pytest.raises(ValueError, match=f"not a complete Trainer checkpoint \\({name} is truncated or corrupt"):
+        resolve_checkpoint(training_args(tmp_path / "other", resume_from_checkpoint=str(tmp_path / "checkpoint-4")))
 
 
 def test_checkpoint_without_optimizer_state_is_refused_unless_accepted(tmp_path, caplog):

@@ -437,26 +437,9 @@ def load_eval_image_processor(model_args: ModelArguments, image_size: int) -> An
 # ----------------------------------------------------------------------------------------------------------------
 
 
-USAGE = """Image classification with BEiT-3, trained with `examples/image-classification/run_image_classification.py`
-of beit3-hf. The folder carries its code: load it with `trust_remote_code=True`, no extra package needed.
-
-```python
-from transformers import pipeline
-
-classifier = pipeline("image-classification", model="{folder}", trust_remote_code=True)
-classifier("image.jpg")
-```"""
-
-
-def model_card(folder: str, results: dict[str, float] | None = None) -> dict[str, Any]:
-    """`write_model_card` arguments (a new dict each time: `create_model_card` extends the tag list in place)."""
-    return {
-        "description": USAGE.format(folder=Path(folder).name),
-        "results": results,
-        "tags": ["beit3", "image-classification", "beit3-hf"],
-        "tasks": "image-classification",
-        "license": "mit",
-    }
+def model_card(results: dict[str, float] | None = None) -> dict[str, Any]:
+    """`write_model_card` arguments (the card's usage snippet comes from `beit3_hf.model_card`)."""
+    return {"results": results, "tags": ["image-classification"], "license": "mit"}
 
 
 def load_test_folder(test_dir: str, class_names: Sequence[str]) -> Any:
@@ -612,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         # Weights, config, code files, image processor and card, before any evaluation can fail.
-        save_final_model(trainer, **model_card(training_args.output_dir))
+        save_final_model(trainer, **model_card())
         metrics = dict(train_result.metrics, train_samples=len(train_dataset))
         metrics["train_skipped_images"] = len(trainer.skipped_images)
         report("train", metrics)
@@ -627,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             write_predictions(path, raw_test, prediction.predictions, config.id2label)
             logger.info("Predictions of %d images: %s", len(raw_test), path)
     if training_args.do_train and (training_args.do_eval or training_args.do_predict):
-        write_model_card(trainer, **model_card(training_args.output_dir, results))  # again, with the evaluation
+        write_model_card(trainer, **model_card(results))  # again, with the evaluation
     return results
 
 

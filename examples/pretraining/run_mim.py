@@ -29,7 +29,7 @@ from torch import nn
 from transformers import AutoModel, set_seed
 
 import beit3_hf  # noqa: F401  (registers the BEiT-3 and visual tokenizer classes with the Auto classes)
-from beit3_hf import Beit3ForMaskedImageModeling
+from beit3_hf import Beit3ForMaskedImageModeling, Beit3ImageProcessor
 from beit3_hf.data.pretraining import (
     MaskedImageModelingCollator,
     PretrainingImageFolder,
@@ -254,6 +254,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         visual_tokenizer=visual_tokenizer,
         layer_decay=model_args.layer_decay,
         callbacks=training_args.early_stopping_callbacks(),
+        # Saved with the model: the eval transform (resize, center crop) with the training normalisation.
+        processing_class=Beit3ImageProcessor(
+            task="image-classification",
+            image_size=config.image_size,
+            image_mean=transform.mean,
+            image_std=transform.std,
+        ),
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
     failures = getattr(train_dataset, "failures", None)

@@ -28,7 +28,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,29 +64,14 @@ from beit3_hf.training.trainer import Beit3Trainer
 logger = logging.getLogger(__name__)
 
 
-USAGE = """Image-text retrieval with BEiT-3, fine-tuned with `examples/retrieval/run_retrieval.py` of beit3-hf. The
-folder carries its code: load it with `trust_remote_code=True`, no extra package needed.
-
-```python
-from transformers import AutoModel, AutoProcessor
-
-model = AutoModel.from_pretrained("{folder}", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("{folder}", trust_remote_code=True)
-inputs = processor(images=images, text=captions, return_tensors="pt")
-similarity = model(**inputs).logits_per_image
-```
-
-Recall metrics (`tr_r1`: text retrieval R@1, `ir_r1`: image retrieval R@1, ...) are fractions of the queries."""
+METRICS_NOTE = (
+    "Recall metrics (`tr_r1`: text retrieval R@1, `ir_r1`: image retrieval R@1, ...) are fractions of the queries."
+)
 
 
-def model_card(folder: str, results: dict[str, float] | None = None) -> dict[str, Any]:
-    """`write_model_card` arguments (a new dict each time: `create_model_card` extends the tag list in place)."""
-    return {
-        "description": USAGE.format(folder=Path(folder).name),
-        "results": results,
-        "tags": ["beit3", "image-text-retrieval", "beit3-hf"],
-        "license": "mit",
-    }
+def model_card(results: dict[str, float] | None = None) -> dict[str, Any]:
+    """`write_model_card` arguments (the card's usage snippet comes from `beit3_hf.model_card`)."""
+    return {"description": METRICS_NOTE, "results": results, "tags": ["image-text-retrieval"], "license": "mit"}
 
 
 @dataclass
@@ -370,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         # The model, processor and card are saved before any evaluation: a failing evaluation never costs them.
-        save_final_model(trainer, **model_card(training_args.output_dir))
+        save_final_model(trainer, **model_card())
         metrics = dict(train_result.metrics, train_samples=len(train_dataset))
         metrics["train_skipped_images"] = len(trainer.skipped_images)
         report("train", metrics)
@@ -381,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         test_index = RetrievalEvalIndex.from_records(test_records)
         report("test", {**trainer.predict(test_index).metrics, **index_metrics("test", test_index)})
     if training_args.do_train and (training_args.do_eval or training_args.do_predict):
-        write_model_card(trainer, **model_card(training_args.output_dir, results))  # again, with the evaluation
+        write_model_card(trainer, **model_card(results))  # again, with the evaluation
     return results
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..model_card import write_model_card_file
 from ..models.beit3.configuration_beit3 import Beit3Config
 from ..models.beit3.modeling_beit3 import Beit3Model, Beit3PreTrainedModel, resize_patch_position_embeddings
 from .tasks import BACKBONE_RULES, FAIRSEQ_POSITION_OFFSET, LAYER_PATTERN, TASKS, KeyRule
@@ -459,11 +460,32 @@ def convert_to(folder: Path, args: argparse.Namespace) -> Beit3PreTrainedModel:
     model = model.to(getattr(torch, args.dtype))
     model.save_pretrained(folder)
     if tokenizer is not None:
+        # The recipe's text length, within the model's position table (never pad beyond what the model takes).
+        max_length = min(spec.max_text_length, model.config.max_position_embeddings)
         processor = processor_for_task(
-            tokenizer, task=args.task, image_size=model.config.image_size, max_length=spec.max_text_length
+            tokenizer, task=args.task, image_size=model.config.image_size, max_length=max_length
         )
         processor.save_pretrained(folder)
+    write_conversion_card(Path(args.output), folder, model, args)
     return model
+
+
+def write_conversion_card(output: Path, folder: Path, model: Beit3PreTrainedModel, args: argparse.Namespace) -> None:
+    """The folder's `README.md`: Hub metadata, the source checkpoint and the task's usage snippet."""
+    config = model.config
+    summary = (
+        f"BEiT-3 ([Image as a Foreign Language](https://arxiv.org/abs/2208.10442)), `{type(model).__name__}` "
+        f"({config.num_hidden_layers} layers, hidden size {config.hidden_size}, {config.image_size}x"
+        f"{config.image_size} images), converted with beit3-hf from the original checkpoint "
+        f"`{Path(args.checkpoint).name}` of [microsoft/unilm](https://github.com/microsoft/unilm/tree/master/beit3)."
+    )
+    details = None
+    if args.sentencepiece is None:
+        details = (
+            "This folder has no processor (converted without `--sentencepiece`): add one with "
+            "`beit3_hf.conversion.tokenizer.build_processor` before using the snippet."
+        )
+    write_model_card_file(folder, args.task, repo=output.name, summary=summary, details=details)
 
 
 if __name__ == "__main__":

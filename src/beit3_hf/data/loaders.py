@@ -57,6 +57,7 @@ __all__ = [
     "load_imagefolder",
     "load_karpathy_split",
     "open_image",
+    "read_text",
     "retrieval_pair_dataset",
     "transform_with_skipping",
 ]
@@ -109,12 +110,22 @@ def check_images_exist(paths: Iterable[str | os.PathLike[str]], *, source: str |
         )
 
 
-def _read_json(path: Path) -> Any:
+def read_text(path: Path) -> str:
+    """A UTF-8 text file; another encoding is an error naming the file (a bare `UnicodeDecodeError` does not)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        with path.open(encoding="utf-8") as f:
-            return json.load(f)
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); re-encode it as UTF-8, e.g. with "
+            "`iconv -f <its encoding> -t utf-8`."
+        ) from err
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
 
@@ -220,9 +231,7 @@ def load_karpathy_split(
 
 def _caption_items(path: Path) -> Iterable[tuple[str, Any]]:
     """Yield ``(location, item)`` for a JSON list or a JSON Lines file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)

@@ -20,14 +20,18 @@ import logging
 import os
 import re
 import sys
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, HfArgumentParser, PretrainedConfig, TrainingArguments
 
+from ..model_card import card_task, write_model_card_file
 from ..models.beit3.configuration_beit3 import BEIT3_PRESETS, Beit3Config
 
 logger = logging.getLogger(__name__)
@@ -190,14 +194,32 @@ def load_config(name_or_path: str, overrides: str | None = None, **from_pretrain
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _damage(path: Path) -> str | None:
+    """Why a file of a checkpoint cannot be read back (a run killed while saving truncates it), or None."""
+    try:
+        if path.name.endswith(".json"):
+            json.loads(path.read_bytes().decode("utf-8"))
+        elif path.suffix == ".safetensors":
+            with safe_open(path, framework="pt"):  # checks the header against the file size
+                pass
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            with zipfile.ZipFile(path):  # torch.save's zip format: a truncated file has no central directory
+                pass
+    except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as error:
+        return f"{path.name} is truncated or corrupt ({type(error).__name__}: {error})"
+    return None
+
+
 def _checkpoint_problems(folder: Path) -> list[str]:
-    """What a checkpoint folder lacks to resume from: trainer state, weights (empty list: complete)."""
+    """Why a checkpoint folder cannot be resumed from: missing trainer state or weights, truncated files."""
     problems = []
     if not (folder / _TRAINER_STATE).is_file():
-        problems.append(_TRAINER_STATE)
+        problems.append(f"no {_TRAINER_STATE}")
     deepspeed_or_fsdp = any(p.name.startswith(("global_step", "pytorch_model_fsdp")) for p in folder.iterdir())
     if not deepspeed_or_fsdp and not any((folder / name).is_file() for name in _WEIGHTS):
-        problems.append("model weights")
+        problems.append("no model weights")
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    problems.extend(problem for problem in map(_damage, files) if problem is not None)
     return problems
 
 
@@ -232,7 +254,9 @@ def last_complete_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
         problems = _checkpoint_problems(path)
         if not problems:
             return str(path)
-        logger.warning("Skipping the incomplete checkpoint %s (no %s): a run stopped while saving it.", path, problems)
+        logger.warning(
+            "Skipping the incomplete checkpoint %s (%s): a run stopped while saving it.", path, "; ".join(problems)
+        )
     return None
 
 
@@ -263,7 +287,7 @@ def resolve_checkpoint(training_args: ScriptTrainingArguments) -> str | None:
         problems = _checkpoint_problems(path)
         if problems:
             raise ValueError(
-                f"--resume_from_checkpoint {requested}: not a complete Trainer checkpoint (no {problems})."
+                f"--resume_from_checkpoint {requested}: not a complete Trainer checkpoint ({'; '.join(problems)})."
             )
         checkpoint = str(path)
     elif training_args.do_train and output_dir.is_dir() and not training_args.overwrite_output_dir:
@@ -298,30 +322,53 @@ def write_model_card(
     *,
     description: str | None = None,
     results: dict[str, float] | None = None,
-    **card_kwargs: Any,
+    tags: Sequence[str] = (),
+    license: str = "mit",
+    dataset: str | Sequence[str] | None = None,
+    **unused: Any,
 ) -> None:
-    """`Trainer.create_model_card` (`card_kwargs`: `tags`, `license`, `dataset`, ...), completed with `description`
-    (how to load and use the folder) and a table of `results`; on the main process only."""
+    """Write `--output_dir/README.md` with `beit3_hf.model_card` (Hub metadata, the task's usage snippet, the base
+    model, `results` as a table, `description`, the training hyperparameters); on the main process only.
+
+    The task (pipeline tag, snippet) follows the trained model's class (`card_task`). `unused` takes the
+    `Trainer.create_model_card` arguments the scripts used to pass (`tasks`, ...)."""
     if not trainer.is_world_process_zero():
         return
-    trainer.create_model_card(**card_kwargs)
-    path = Path(trainer.args.output_dir) / "README.md"
-    card = path.read_text(encoding="utf-8")
-    # A model trained from scratch has no `_name_or_path`, which the generated card turns into an empty Hub link.
-    card = card.replace("This model is a fine-tuned version of [](https://huggingface.co/) on", "It was trained on")
-    if description:
-        card = card.replace(
-            "## Model description\n\nMore information needed", f"## Model description\n\n{description}", 1
-        )
-    if results:
-        rows = "\n".join(
-            f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
-            for name, value in sorted(results.items())
-            if not name.endswith(("_runtime", "_per_second")) and name != "epoch"
-        )
-        table = f"## Results\n\n| metric | value |\n|---|---|\n{rows}\n\n"
-        card = card.replace("## Model description", table + "## Model description", 1)
-    path.write_text(card, encoding="utf-8")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    task = card_task(model)
+    base_model = model.config._name_or_path or None
+    origin = f"fine-tuned from `{base_model}`" if base_model else "trained from scratch"
+    args = trainer.args
+    hyperparameters = {
+        "learning_rate": args.learning_rate,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": args.world_size,
+        "max_steps": trainer.state.global_step or args.max_steps,
+        "optimizer": args.optim,
+        "lr_scheduler_type": args.lr_scheduler_type,
+        "warmup_steps": args.warmup_steps,
+        "weight_decay": args.weight_decay,
+        "seed": args.seed,
+    }
+    training = "## Training\n\n" + "".join(f"- {name}: {value}\n" for name, value in hyperparameters.items())
+    versions = f"\nFramework versions: transformers {transformers.__version__}, torch {torch.__version__}.\n"
+    results = {
+        name: value
+        for name, value in (results or {}).items()
+        if not name.endswith(("_runtime", "_per_second")) and name != "epoch"
+    }
+    write_model_card_file(
+        args.output_dir,
+        task,
+        summary=f"`{type(model).__name__}` {origin} with beit3-hf's example scripts.",
+        base_model=base_model,
+        datasets=[dataset] if isinstance(dataset, str) else dataset,
+        results=results,
+        details="\n\n".join(part for part in (description, training + versions) if part),
+        tags=tags,
+        license=license,
+    )
 
 
 def save_final_model(trainer: transformers.Trainer, **model_card_kwargs: Any) -> None:

@@ -585,6 +585,102 @@ class Beit3Pooler(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Input checks: cheap (a min / max per tensor), in one place, each error naming the argument. The value checks are
+# skipped while torch.compile or torch.jit traces, where a data-dependent branch would break the graph.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _checking_values() -> bool:
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+def check_tensor(name: str, value: Any) -> None:
+    """A `TypeError` for numpy arrays, lists, ... where the model takes a `torch.Tensor` (or None)."""
+    if value is not None and not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor, got {type(value).__name__}; convert it with torch.as_tensor(...) or call "
+            "the processor with return_tensors='pt'."
+        )
+
+
+def check_pixel_values(pixel_values: torch.Tensor) -> None:
+    """Float images (what the image processor returns), and at least one of them."""
+    check_tensor("pixel_values", pixel_values)
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values has dtype {pixel_values.dtype}: the model takes normalised float images, not raw pixels; "
+            "run the images through Beit3ImageProcessor (or the processor) first."
+        )
+    if pixel_values.shape[0] == 0:
+        raise ValueError(
+            f"pixel_values is an empty batch (shape {tuple(pixel_values.shape)}); pass at least one image."
+        )
+
+
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Integer ids in [0, vocab_size), at least one example and one token (else an index error or a CUDA assert)."""
+    check_tensor("input_ids", input_ids)
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+    if input_ids.numel() == 0:
+        raise ValueError(
+            f"input_ids is empty (shape {tuple(input_ids.shape)}); pass at least one text of at least one token."
+        )
+    if not _checking_values():
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"input_ids holds token id {low if low < 0 else high}, outside the model's vocabulary [0, {vocab_size}). "
+            "Is the tokenizer the model's? A tokenizer with a larger vocabulary needs "
+            "model.resize_token_embeddings(len(tokenizer))."
+        )
+
+
+def check_attention_mask(attention_mask: torch.Tensor) -> None:
+    """1 = attend, 0 = padding, the first token attended: the mistakes of code ported from the original are named."""
+    check_tensor("attention_mask", attention_mask)
+    if not _checking_values() or attention_mask.numel() == 0:
+        return
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        if bool((attention_mask < 0).any()):
+            raise ValueError(
+                "attention_mask holds negative values: it looks like an additive mask (0 = attend, -inf = masked). "
+                "Pass a 0/1 mask with 1 = attend and 0 = padding, e.g. (additive_mask == 0).long()."
+            )
+        values = attention_mask.unique()[:6].tolist()
+        raise ValueError(f"attention_mask must hold 1 (attend) and 0 (padding) only, got values {values}.")
+    if not bool(attention_mask[:, 0].all()):
+        raise ValueError(
+            "attention_mask is 0 at the first text token of some rows, which would mask `<s>`. The original BEiT-3 "
+            "code takes `padding_mask` with the opposite convention (1 = pad); pass attention_mask = 1 - padding_mask."
+        )
+
+
+def check_token_labels(labels: torch.Tensor, vocab_size: int) -> None:
+    """Token labels: -100 (ignored) or ids in [0, vocab_size), never a device-side assert."""
+    check_tensor("labels", labels)
+    if not _checking_values():
+        return
+    valid = labels != -100
+    if bool(((labels[valid] < 0) | (labels[valid] >= vocab_size)).any()):
+        raise ValueError(f"labels must be -100 or token ids in [0, {vocab_size}).")
+
+
+def check_class_labels(labels: torch.Tensor, num_labels: int, batch_size: int) -> None:
+    """Integer class labels: one per example, each in [0, num_labels)."""
+    check_tensor("labels", labels)
+    if labels.is_floating_point():
+        return  # soft targets / regression: the heads check their shape
+    if labels.numel() != batch_size:
+        raise ValueError(f"labels must hold one class id per example ({batch_size}), got shape {tuple(labels.shape)}.")
+    if _checking_values() and bool(((labels < 0) | (labels >= num_labels)).any()):
+        raise ValueError(
+            f"labels must be class ids in [0, {num_labels}) (config.num_labels), got {labels.flatten().tolist()[:8]}."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -741,7 +837,7 @@ class Beit3Model(Beit3PreTrainedModel):
         attention_mask: torch.Tensor | None,
         past_length: int,
     ) -> None:
-        """Raise a `ValueError` naming the first inconsistent input."""
+        """Raise a `ValueError` (or `TypeError`) naming the first inconsistent input."""
         if pixel_values is None and input_ids is None:
             raise ValueError("Pass pixel_values, input_ids, or both.")
         if input_ids is not None and self.config.vision_only:
@@ -749,14 +845,21 @@ class Beit3Model(Beit3PreTrainedModel):
                 "This model is vision-only (config.vision_only=True): it has no text experts or text embeddings, "
                 "so it takes pixel_values only, not input_ids."
             )
+        if pixel_values is not None:
+            check_pixel_values(pixel_values)
+        if input_ids is not None:
+            check_input_ids(input_ids, self.config.vocab_size)
         if attention_mask is not None:
             if input_ids is None:
                 raise ValueError("attention_mask masks text tokens, but no input_ids were given.")
+            check_tensor("attention_mask", attention_mask)
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(
                     f"attention_mask shape {tuple(attention_mask.shape)} doesn't match input_ids shape "
                     f"{tuple(input_ids.shape)}."
                 )
+            if past_length == 0:
+                check_attention_mask(attention_mask)
             if past_length > 0 and not bool(attention_mask.all()):
                 raise ValueError("Padding is not supported when continuing from past_key_values.")
         if pixel_values is not None and past_length > 0:
@@ -925,6 +1028,7 @@ class Beit3ForImageClassification(Beit3PreTrainedModel):
                     f"{tuple(labels.shape)}."
                 )
             return torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        check_class_labels(labels, logits.shape[-1], logits.shape[0])
         return F.cross_entropy(logits.float(), labels.view(-1))
 
 
@@ -1132,6 +1236,7 @@ class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
         logits = self.classifier(self.pooler(outputs.last_hidden_state))
         loss = None
         if labels is not None:
+            check_tensor("labels", labels)
             if labels.shape != logits.shape:
                 raise ValueError(
                     f"VQA labels are soft scores of shape (batch, num_labels) = {tuple(logits.shape)}, got "
@@ -1193,12 +1298,21 @@ class Beit3ForVisualReasoning(Beit3PreTrainedModel):
     ) -> SequenceClassifierOutput:
         if pixel_values is None or input_ids is None:
             raise ValueError("Beit3ForVisualReasoning needs both pixel_values and input_ids.")
+        check_tensor("pixel_values", pixel_values)
+        check_tensor("input_ids", input_ids)
         if pixel_values.ndim != 5 or pixel_values.shape[1] != 2:
             raise ValueError(
                 "Beit3ForVisualReasoning takes an image pair per example: pixel_values of shape "
                 f"(batch, 2, channels, height, width), got {tuple(pixel_values.shape)}."
             )
         batch_size = pixel_values.shape[0]
+        if input_ids.ndim != 2 or input_ids.shape[0] != batch_size:
+            raise ValueError(
+                f"pixel_values holds {batch_size} image pairs but input_ids has shape {tuple(input_ids.shape)}; "
+                "Beit3ForVisualReasoning needs one text (batch, text_len) per image pair."
+            )
+        if labels is not None:
+            check_class_labels(labels, self.config.num_labels, batch_size)
         # Both images of an example see its text: one batch [ex 0 left, ex 0 right, ex 1 left, ...].
         outputs = self.beit3(
             pixel_values=pixel_values.flatten(0, 1),  # (batch * 2, channels, height, width)
@@ -1323,6 +1437,7 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
 
     def captioning_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The original `BertCaptioningLoss` (without its drop-worst schedule): KL to label-smoothed targets."""
+        check_token_labels(labels, logits.shape[-1])
         if labels.shape != logits.shape[:2]:
             raise ValueError(
                 f"labels must have shape (batch, text_len) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}."
@@ -1349,8 +1464,11 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
         Args:
             pixel_values: (batch, channels, height, width) images.
             num_beams: beams per image (3 in the original recipes); 1 decodes with a single beam.
-            max_length: longest output, `<s>` and `</s>` included (the original's `num_max_bpe_tokens`, default 32).
-            max_new_tokens: alternatively, the most tokens generated after `<s>` (`</s>` included).
+            max_length: the original's `num_max_bpe_tokens` (default 32, or `config.max_position_embeddings` if
+                smaller), which counts the `<mask>` slot of the last
+                step: captions have at most `max_length - 1` tokens, `<s>` and `</s>` included.
+            max_new_tokens: alternatively, the most tokens generated after `<s>` (`</s>` included):
+                `max_length = max_new_tokens + 2`.
             length_penalty: a finished caption of `n` generated tokens (its `</s>` included) scores
                 `sum of log-probabilities / (n + 1) ** length_penalty`: the original counts `<s>` in the length.
 
@@ -1425,19 +1543,24 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
     ) -> int:
         if pixel_values is None:
             raise ValueError("generate() needs pixel_values: the images to caption.")
+        check_pixel_values(pixel_values)
         if not isinstance(num_beams, int) or num_beams < 1:
             raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}.")
         if self.config.mask_token_id is None:
             raise ValueError("config.mask_token_id is not set: captioning decodes at the tokenizer's <mask> slot.")
         if max_length is not None and max_new_tokens is not None:
             raise ValueError("Pass max_length or max_new_tokens, not both.")
+        asked = f"max_length={max_length}" if max_new_tokens is None else f"max_new_tokens={max_new_tokens}"
         if max_new_tokens is not None:
-            max_length = max_new_tokens + 1
-        max_length = 32 if max_length is None else max_length
-        if max_length < 3:
+            max_length = max_new_tokens + 2  # <s> and the <mask> slot of the last step
+        if max_length is None:  # the original recipe's 32, within the position table of small models
+            max_length = min(32, self.config.max_position_embeddings)
+        if max_length < 4:
+            # With max_length=3 the original's search can only return `<s> </s>`: the token predicted at the
+            # length limit is dropped.
             raise ValueError(
-                f"max_length={max_length} is shorter than a caption: the prompt is `<s> <mask>` and a caption needs "
-                "`<s>`, at least one token and `</s>` (max_length >= 3, max_new_tokens >= 2)."
+                f"{asked} is shorter than a caption: captions have at most max_length - 1 tokens and "
+                "need `<s>`, at least one token and `</s>` (max_length >= 4, max_new_tokens >= 2)."
             )
         if max_length > self.config.max_position_embeddings:
             raise ValueError(
@@ -1506,10 +1629,9 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
     Token ids outside the vocabulary are a clear error, not a device-side assert.
     """
+    check_token_labels(labels, logits.shape[-1])
     labels = labels.flatten()
     valid = labels != -100
-    if bool(((labels[valid] < 0) | (labels[valid] >= logits.shape[-1])).any()):
-        raise ValueError(f"labels must be -100 or token ids in [0, {logits.shape[-1]}).")
     losses = F.cross_entropy(logits.flatten(0, -2).float(), labels, ignore_index=-100, reduction="sum")
     return losses / valid.sum().clamp(min=1)
 

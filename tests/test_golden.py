@@ -71,6 +71,62 @@ def test_model_cards_carry_hub_metadata_and_their_usage_snippets_run(converted, 
     assert "tensor([[" in result.stdout  # the retrieval snippet's probabilities, printed
 
 
+PIPELINES = """
+import sys
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor, pipeline
+
+folders = dict(zip(("image-classification", "retrieval", "vqa", "nlvr2"), sys.argv[1:]))
+red, blue = Image.new("RGB", (50, 40), (200, 30, 30)), Image.new("RGB", (30, 60), (20, 40, 220))
+close = lambda a, b: torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-5)
+
+def direct(task, **inputs):
+    model = AutoModel.from_pretrained(folders[task], trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folders[task], trust_remote_code=True)
+    with torch.no_grad():
+        return model, model(**processor(**inputs, return_tensors="pt"))
+
+# image-classification: the top-k of the model's softmax.
+top = pipeline("image-classification", model=folders["image-classification"], trust_remote_code=True)(red, top_k=3)
+model, out = direct("image-classification", images=red)
+expected = out.logits[0].softmax(-1).topk(3)
+assert [r["label"] for r in top] == [model.config.id2label[i] for i in expected.indices.tolist()], top
+close([r["score"] for r in top], expected.values.tolist())
+
+# zero-shot-image-classification: the retrieval model's softmax over the prompts.
+labels = ["dog", "cat", "car"]
+zero_shot = pipeline("zero-shot-image-classification", model=folders["retrieval"], trust_remote_code=True)
+scores = {r["label"]: r["score"] for r in zero_shot(blue, candidate_labels=labels)}
+_, out = direct("retrieval", images=blue, text=[f"This is a photo of {label}." for label in labels])
+close([scores[label] for label in labels], out.logits_per_image[0].softmax(-1).tolist())
+
+# visual-question-answering (custom pipeline of the folder): the top-k sigmoid scores over id2label.
+vqa = pipeline("visual-question-answering", model=folders["vqa"], trust_remote_code=True)
+answers = vqa(red, "what colour is it?", top_k=2)
+model, out = direct("vqa", images=red, text="what colour is it?")
+expected = out.logits[0].sigmoid().topk(2)
+assert [a["answer"] for a in answers] == [model.config.id2label[i] for i in expected.indices.tolist()], answers
+close([a["score"] for a in answers], expected.values.tolist())
+
+# visual-reasoning (custom pipeline of the folder): an NLVR2 image pair and a statement.
+verdict = pipeline("visual-reasoning", model=folders["nlvr2"], trust_remote_code=True)((red, blue), "one is red.")
+model, out = direct("nlvr2", images=[(red, blue)], text=["one is red."])
+probabilities = out.logits[0].softmax(-1)
+assert verdict["label"] == model.config.id2label[int(probabilities.argmax())], verdict
+close(verdict["score"], probabilities.max().item())
+print("pipelines equal the models")
+"""
+
+
+def test_pipelines_equal_the_models(converted, tmp_path):
+    """transformers' image-classification and zero-shot-image-classification pipelines, and the folders' own
+    visual-question-answering and visual-reasoning pipelines, in a process without `beit3_hf`."""
+    folders = [str(converted[task][0]) for task in ("image-classification", "retrieval", "vqa", "nlvr2")]
+    result = run_fresh_python(PIPELINES, tmp_path, args=tuple(folders))
+    assert "pipelines equal the models" in result.stdout
+
+
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_converted_outputs_equal_the_golden_outputs(converted, task, attn_implementation):

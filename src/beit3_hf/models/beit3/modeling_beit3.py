@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -695,6 +696,9 @@ class Beit3PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     # The task Auto class (besides AutoModel) a saved checkpoint of this class declares in `auto_map`.
     _task_auto_class: str | None = None
+    # (task, class of `pipeline_beit3.py`): a `transformers.pipeline` task that transformers does not offer for this
+    # head, declared in a saved folder's `custom_pipelines` (the file is copied next to the model's code).
+    _custom_pipeline: tuple[str, str] | None = None
 
     def _auto_map(self) -> dict[str, str]:
         """The `auto_map` of a saved folder: `AutoConfig`, and this class for `AutoModel` and its task Auto class.
@@ -725,16 +729,26 @@ class Beit3PreTrainedModel(PreTrainedModel):
         """
         if type(self)._auto_class is None:
             return super().save_pretrained(save_directory, *args, **kwargs)
-        had_auto_map = "auto_map" in self.config.__dict__
-        previous = getattr(self.config, "auto_map", None)
-        self.config.auto_map = self._auto_map()
+        saved_fields = {"auto_map": self._auto_map()}
+        # The pipeline file is next to this one in the package and in folders saved with it; a folder loaded as
+        # remote code without it (saved before it existed) is re-saved without the custom pipeline.
+        pipeline_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline_beit3.py")
+        if self._custom_pipeline is not None and os.path.isfile(pipeline_file):
+            task, class_name = self._custom_pipeline
+            saved_fields["custom_pipelines"] = {task: {"impl": f"pipeline_beit3.{class_name}", "pt": ["AutoModel"]}}
+        previous = {name: self.config.__dict__[name] for name in saved_fields if name in self.config.__dict__}
+        self.config.__dict__.update(saved_fields)
         try:
-            return super().save_pretrained(save_directory, *args, **kwargs)
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+            if "custom_pipelines" in saved_fields:
+                shutil.copy(pipeline_file, os.path.join(save_directory, "pipeline_beit3.py"))
+            return result
         finally:
-            if had_auto_map:
-                self.config.auto_map = previous
-            else:
-                del self.config.auto_map
+            for name in saved_fields:
+                if name in previous:
+                    self.config.__dict__[name] = previous[name]
+                else:
+                    del self.config.__dict__[name]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -1199,6 +1213,7 @@ class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
     """
 
     _task_auto_class = "AutoModelForVisualQuestionAnswering"
+    _custom_pipeline = ("visual-question-answering", "Beit3VisualQuestionAnsweringPipeline")
 
     def __init__(self, config: Beit3Config) -> None:
         _require_text_experts(config, type(self).__name__)
@@ -1274,6 +1289,8 @@ class Beit3ForVisualReasoning(Beit3PreTrainedModel):
 
     ```
     """
+
+    _custom_pipeline = ("visual-reasoning", "Beit3VisualReasoningPipeline")
 
     def __init__(self, config: Beit3Config) -> None:
         _require_text_experts(config, type(self).__name__)

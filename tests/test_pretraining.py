@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,13 @@ from beit3_hf import Beit3Config, Beit3ForMaskedImageModeling, Beit3ForPreTraini
 from beit3_hf.conversion import checkpoint as convert
 from beit3_hf.testing.synthetic_data import write_synthetic_dataset
 
-from oracle_utils import load_example_script, original_checkpoint, read_fixture, run_fresh_python
+from oracle_utils import (
+    accelerate_launch,
+    load_example_script,
+    original_checkpoint,
+    read_fixture,
+    run_fresh_python,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 run_mim = load_example_script(ROOT / "examples" / "pretraining" / "run_mim.py")
@@ -166,3 +175,23 @@ def test_run_mim_pixel_targets_and_argument_errors(images, tmp_path):
         run_mim.main([*mim_args(images, tmp_path / "e1"), "--max_steps", "1"])
     with pytest.raises(ValueError, match="exactly one of --train_dir"):
         run_mim.main([*mim_args(images, tmp_path / "e2", "--mim_target", "pixels", "--webdataset", "x.tar")])
+
+
+def test_run_mim_as_two_processes(images, tmp_path):
+    """`accelerate launch` with 2 gloo processes: each rank trains on its half of the images, rank 0 saves."""
+    output_dir = tmp_path / "ddp"
+    args = [*mim_args(images, output_dir, "--mim_target", "pixels"), "--max_steps", "2", "--gradient_checkpointing"]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        accelerate_launch(ROOT / "examples" / "pretraining" / "run_mim.py", args, 2),
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-5000:]
+    for rank in (0, 1):
+        assert f"Process rank: {rank}, world size: 2, device: cpu" in output, output[-5000:]
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    num_images = sum(1 for path in images.rglob("*") if path.is_file())
+    batches_per_epoch = math.ceil(num_images / 2 / 4)  # each rank gets half of the images, in batches of 4
+    assert state["global_step"] == 2 and state["epoch"] == pytest.approx(2 / batches_per_epoch)
+    assert Beit3ForMaskedImageModeling.from_pretrained(output_dir).config.vision_only

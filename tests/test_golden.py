@@ -104,13 +104,16 @@ close([scores[label] for label in labels], out.logits_per_image[0].softmax(-1).t
 # visual-question-answering (custom pipeline of the folder): the top-k sigmoid scores over id2label.
 vqa = pipeline("visual-question-answering", model=folders["vqa"], trust_remote_code=True)
 answers = vqa(red, "what colour is it?", top_k=2)
+assert vqa(red, question="what colour is it?", top_k=2) == answers
 model, out = direct("vqa", images=red, text="what colour is it?")
 expected = out.logits[0].sigmoid().topk(2)
 assert [a["answer"] for a in answers] == [model.config.id2label[i] for i in expected.indices.tolist()], answers
 close([a["score"] for a in answers], expected.values.tolist())
 
 # visual-reasoning (custom pipeline of the folder): an NLVR2 image pair and a statement.
-verdict = pipeline("visual-reasoning", model=folders["nlvr2"], trust_remote_code=True)((red, blue), "one is red.")
+nlvr2 = pipeline("visual-reasoning", model=folders["nlvr2"], trust_remote_code=True)
+verdict = nlvr2((red, blue), statement="one is red.")
+assert nlvr2({"images": (red, blue), "statement": "one is red."}) == verdict
 model, out = direct("nlvr2", images=[(red, blue)], text=["one is red."])
 probabilities = out.logits[0].softmax(-1)
 assert verdict["label"] == model.config.id2label[int(probabilities.argmax())], verdict

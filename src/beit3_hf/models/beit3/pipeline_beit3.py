@@ -20,7 +20,31 @@ from transformers import Pipeline
 __all__ = ["Beit3VisualQuestionAnsweringPipeline", "Beit3VisualReasoningPipeline"]
 
 
-class Beit3VisualQuestionAnsweringPipeline(Pipeline):
+class _Beit3HeadPipeline(Pipeline):
+    """What both pipelines share: the folder's processor (tokenizer + image processor) and the head's logits.
+
+    `pipe(images, text)` calls are turned into the `{images_key: ..., text_key: ...}` dicts that `preprocess` takes.
+    """
+
+    _load_processor = True
+    _load_image_processor = False
+    _load_tokenizer = False
+    _load_feature_extractor = False
+    images_key, text_key = "image", "question"
+
+    def __call__(self, images: Any, text: str | None = None, **kwargs: Any) -> Any:
+        text = kwargs.pop(self.text_key, text)  # pipe(image, question=...) / pipe(pair, statement=...)
+        if text is None and isinstance(images, dict):
+            return super().__call__(images, **kwargs)
+        if text is None:
+            raise ValueError(f"Pass a {self.text_key}: pipe({self.images_key}, {self.text_key}).")
+        return super().__call__({self.images_key: images, self.text_key: text}, **kwargs)
+
+    def _forward(self, model_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"logits": self.model(**model_inputs).logits}
+
+
+class Beit3VisualQuestionAnsweringPipeline(_Beit3HeadPipeline):
     """Answer a question about an image with a `Beit3ForVisualQuestionAnswering` folder.
 
     `pipe(image, question, top_k=5)` returns `[{"answer", "score"}, ...]`: the `top_k` answers of `id2label` with the
@@ -34,11 +58,6 @@ class Beit3VisualQuestionAnsweringPipeline(Pipeline):
         [{'answer': 'red', 'score': 0.93}]
     """
 
-    _load_processor = True
-    _load_image_processor = False
-    _load_tokenizer = False
-    _load_feature_extractor = False
-
     def _sanitize_parameters(self, top_k: int | None = None, **kwargs: Any) -> tuple[dict, dict, dict]:
         postprocess = {}
         if top_k is not None:
@@ -47,20 +66,10 @@ class Beit3VisualQuestionAnsweringPipeline(Pipeline):
             postprocess["top_k"] = top_k
         return {}, {}, postprocess
 
-    def __call__(self, image: Any, question: str | None = None, **kwargs: Any) -> Any:
-        if question is None and isinstance(image, dict):
-            return super().__call__(image, **kwargs)
-        if question is None:
-            raise ValueError("Pass a question: pipe(image, question) or pipe({'image': ..., 'question': ...}).")
-        return super().__call__({"image": image, "question": question}, **kwargs)
-
     def preprocess(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         if not isinstance(inputs, dict) or not {"image", "question"} <= set(inputs):
             raise ValueError("Each input must be a dict with an 'image' and a 'question'.")
         return self.processor(images=inputs["image"], text=inputs["question"], return_tensors="pt")
-
-    def _forward(self, model_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"logits": self.model(**model_inputs).logits}
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor], top_k: int = 5) -> list[dict[str, Any]]:
         scores = model_outputs["logits"][0].float().sigmoid()  # (num_labels,)
@@ -72,7 +81,7 @@ class Beit3VisualQuestionAnsweringPipeline(Pipeline):
         ]
 
 
-class Beit3VisualReasoningPipeline(Pipeline):
+class Beit3VisualReasoningPipeline(_Beit3HeadPipeline):
     """Say whether a statement holds for a pair of images with a `Beit3ForVisualReasoning` (NLVR2) folder.
 
     `pipe((left_image, right_image), statement)` returns `{"label", "score"}`: the `id2label` name of the most
@@ -86,20 +95,10 @@ class Beit3VisualReasoningPipeline(Pipeline):
         {'label': 'LABEL_1', 'score': 0.88}
     """
 
-    _load_processor = True
-    _load_image_processor = False
-    _load_tokenizer = False
-    _load_feature_extractor = False
+    images_key, text_key = "images", "statement"
 
     def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict, dict, dict]:
         return {}, {}, {}
-
-    def __call__(self, images: Any, statement: str | None = None, **kwargs: Any) -> Any:
-        if statement is None and isinstance(images, dict):
-            return super().__call__(images, **kwargs)
-        if statement is None:
-            raise ValueError("Pass a statement: pipe((left, right), statement).")
-        return super().__call__({"images": images, "statement": statement}, **kwargs)
 
     def preprocess(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         if not isinstance(inputs, dict) or not {"images", "statement"} <= set(inputs):
@@ -108,9 +107,6 @@ class Beit3VisualReasoningPipeline(Pipeline):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise ValueError(f"images must be a (left, right) pair of images, got {type(pair).__name__}.")
         return self.processor(images=[tuple(pair)], text=[inputs["statement"]], return_tensors="pt")
-
-    def _forward(self, model_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"logits": self.model(**model_inputs).logits}
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor]) -> dict[str, Any]:
         probabilities = model_outputs["logits"][0].float().softmax(dim=-1)

@@ -22,6 +22,7 @@ from beit3_hf import (
     Beit3ForVisualReasoning,
     Beit3Model,
 )
+from beit3_hf.models.beit3 import modeling_beit3
 from beit3_hf.models.beit3.modeling_beit3 import Beit3KeyValueCache, Beit3Multiway, build_attention_bias
 
 from oracle_utils import randomize_, run_fresh_python, tiny_config
@@ -131,6 +132,22 @@ def test_padding_does_not_change_attended_tokens():
     # Without the mask the padding would be attended to and change the result.
     unmasked = model(pixel_values=pixel_values, input_ids=padded_ids).last_hidden_state
     assert (unmasked[:, : short.shape[1]] - short).abs().max() > 1e-3
+
+
+def test_a_mask_without_padding_is_dropped(monkeypatch):
+    """No padding: no attention bias at all, so that SDPA can pick its fastest kernel; same outputs."""
+    model = make_model(Beit3Model)
+    key_masks = []
+    build = modeling_beit3.build_attention_bias
+    monkeypatch.setattr(modeling_beit3, "build_attention_bias", lambda key_mask, **kw: key_masks.append(key_mask) or build(key_mask, **kw))  # fmt: skip
+    input_ids, attention_mask = text_batch(model.config, lengths=(6, 6, 6))
+    with torch.no_grad():
+        masked = model(pixel_values=images(model.config), input_ids=input_ids, attention_mask=attention_mask)
+        unmasked = model(pixel_values=images(model.config), input_ids=input_ids)
+        padded = text_batch(model.config, lengths=(6, 4, 3))
+        model(pixel_values=images(model.config), input_ids=padded[0], attention_mask=padded[1])
+    assert key_masks[0] is None and key_masks[1] is None and key_masks[2] is not None
+    torch.testing.assert_close(masked.last_hidden_state, unmasked.last_hidden_state, rtol=0, atol=0)
 
 
 def test_eager_and_sdpa_agree():

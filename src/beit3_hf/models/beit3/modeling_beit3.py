@@ -945,8 +945,9 @@ class Beit3Model(Beit3PreTrainedModel):
         )
         past_length = 0 if past_key_values is None else past_key_values.get_seq_length()
         self._check_inputs(pixel_values, input_ids, attention_mask, past_length)
-        if past_length > 0:
-            attention_mask = None  # all ones (checked): the cached steps were unpadded too
+        if past_length > 0 or (attention_mask is not None and _checking_values() and bool(attention_mask.all())):
+            # No padding (checked when continuing a cache): no mask, so that SDPA can pick its fastest kernel.
+            attention_mask = None
         embeddings, split_position, key_mask = self._embed(
             pixel_values, input_ids, attention_mask, bool_masked_pos, interpolate_pos_encoding, text_position_offset
         )

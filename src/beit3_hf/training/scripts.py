@@ -15,6 +15,7 @@ Library code for the example scripts (never shipped in a checkpoint folder).
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -170,6 +171,15 @@ def check_distributed_launch(training_args: TrainingArguments) -> None:
             "machine without GPUs pass --use_cpu, e.g. `accelerate launch --multi_gpu --num_processes 2 "
             "script.py ... --use_cpu` (gloo)."
         )
+    if training_args.world_size > 1:
+        # A process group still alive while the interpreter shuts down can abort a finished run ("terminate called
+        # without an active exception", seen with gloo): tear it down first.
+        atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def load_config(name_or_path: str, overrides: str | None = None, **from_pretrained_kwargs: Any) -> PretrainedConfig:

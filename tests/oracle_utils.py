@@ -210,3 +210,20 @@ def original_checkpoint(tensors: dict[str, torch.Tensor], path: Path, overrides:
     weights.update(overrides or {})
     torch.save({"model": weights}, path)
     return path
+
+
+def chinese_wordpiece_tokenizer(folder: Path, texts: list[str], vocab_size: int = 200):
+    """A Chinese BERT-style WordPiece tokenizer ([CLS] / [SEP] / [MASK], no <s> / </s>) trained on `texts` here with
+    the `tokenizers` library (no download) and saved with `save_pretrained` to `folder`; returns it."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizer
+
+    trainer = BertWordPieceTokenizer(handle_chinese_chars=True, lowercase=True)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=special)
+    vocab = folder.parent / f"{folder.name}_vocab"
+    vocab.mkdir(parents=True, exist_ok=True)
+    trainer.save_model(str(vocab))
+    tokenizer = BertTokenizer.from_pretrained(vocab)
+    tokenizer.save_pretrained(folder)
+    return tokenizer

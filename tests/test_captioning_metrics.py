@@ -209,7 +209,7 @@ def test_cider_and_bleu_on_fixed_captions():
     perfect = {key: refs[0] for key, refs in REFERENCES.items()}
     assert bleu(REFERENCES, perfect)[3] == pytest.approx(1.0)
     metrics = caption_metrics(REFERENCES, CANDIDATES)
-    assert metrics["cider"] == pytest.approx(CIDER_EXPECTED) and metrics["bleu_4"] == pytest.approx(BLEU_EXPECTED[3])
+    assert metrics["cider"] == pytest.approx(CIDER_EXPECTED) and metrics["bleu4"] == pytest.approx(BLEU_EXPECTED[3])
     with pytest.raises(ValueError, match="same images"):
         cider_d(REFERENCES, {1: "a"})
 

@@ -38,13 +38,9 @@ import beit3_hf  # noqa: F401  (registers the BEiT-3 classes with the Auto class
 from beit3_hf.data.captioning import (
     CaptionRecord,
     image_folder_records,
-    keep_special_token_ids,
     load_caption_references,
     load_karpathy_captions,
-    load_processor,
     mask_caption,
-    set_special_token_ids,
-    train_image_transform,
 )
 from beit3_hf.data.loaders import (
     ImageRowDecoder,
@@ -55,15 +51,18 @@ from beit3_hf.data.loaders import (
 )
 from beit3_hf.evaluation.captioning import caption_metrics, captioning_loss
 from beit3_hf.training.scripts import (
-    ScriptTrainingArguments,
+    ImageTextDataArguments,
+    ImageTextTrainingArguments,
+    ModelArguments,
     check_distributed_launch,
-    load_config,
+    fit_text_vocabulary,
+    keep_special_token_ids,
+    load_processor,
     parse_script_args,
     resolve_checkpoint,
-    save_final_model,
+    run_stages,
     setup_logging,
     write_json,
-    write_model_card,
 )
 from beit3_hf.training.trainer import Beit3Trainer
 
@@ -96,35 +95,16 @@ def model_card(folder: str, results: dict[str, float] | None = None) -> dict[str
 
 
 @dataclass
-class ModelArguments:
-    """Which model to fine-tune, or which configuration to train from scratch, and its tokenizer."""
+class CaptioningModelArguments(ModelArguments):
+    """The shared model options (a tokenizer needs a mask token here) and the loss's label smoothing."""
 
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "A converted / saved BEiT-3 folder (or Hub repo): a backbone or a captioner."}
-    )
-    config_name: str | None = field(
-        default=None, metadata={"help": "Train from scratch: a preset such as beit3-base-patch16-480, or a config."}
-    )
-    config_overrides: str | None = field(
-        default=None, metadata={"help": "Comma-separated config changes, e.g. 'hidden_size=128,num_hidden_layers=4'."}
-    )
-    sentencepiece_model: str | None = field(
-        default=None,
-        metadata={"help": "beit3.spm (or another sentencepiece model), instead of the folder's tokenizer."},
-    )
-    tokenizer_name: str | None = field(
-        default=None,
-        metadata={"help": "Any tokenizer with a mask token (e.g. a BERT WordPiece one), instead of the folder's."},
-    )
-    drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth of the last layer."})
     label_smoothing: float | None = field(
         default=None, metadata={"help": "Label smoothing of the loss (default: the config's, 0.1 as the original)."}
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model folder / repo."})
 
 
 @dataclass
-class DataArguments:
+class DataArguments(ImageTextDataArguments):
     """Karpathy split file, references, image folders, masking and augmentation."""
 
     karpathy_json: str | None = field(default=None, metadata={"help": "Karpathy split file (dataset_coco.json)."})
@@ -146,12 +126,10 @@ class DataArguments:
         default=None, metadata={"help": "COCO-style {'images': [{'id', 'file_name'}]} for --test_image_dir ids."}
     )
     max_text_length: int = field(default=32, metadata={"help": "Caption tokens, <s> and </s> included (recipe: 32)."})
+    randaug: bool = field(default=False, metadata={"help": "RandAugment (2 ops, magnitude 7); the recipe uses it."})
     mask_prob: float = field(
         default=0.7, metadata={"help": "Fraction of caption tokens masked (recipe: 0.7; original default 0.6)."}
     )
-    min_crop_scale: float = field(default=0.5, metadata={"help": "Random resized crop scale; 1.0 only resizes."})
-    hflip: bool = field(default=True, metadata={"help": "Random horizontal flips (as the original)."})
-    randaug: bool = field(default=False, metadata={"help": "RandAugment (2 ops, magnitude 7); the recipe uses it."})
     max_train_images: int | None = field(default=None, metadata={"help": "Train on the first N images."})
     max_eval_images: int | None = field(default=None, metadata={"help": "Evaluate on the first N images."})
     max_test_images: int | None = field(default=None, metadata={"help": "Caption the first N test images."})
@@ -162,7 +140,7 @@ class DataArguments:
 
 
 @dataclass
-class CaptioningTrainingArguments(ScriptTrainingArguments):
+class CaptioningTrainingArguments(ImageTextTrainingArguments):
     """`TrainingArguments` (with the scripts' resume and image options), the loss schedule and the decoding."""
 
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (the recipe: 0.05)."})
@@ -170,7 +148,6 @@ class CaptioningTrainingArguments(ScriptTrainingArguments):
     warmup_steps: float = field(
         default=0.1, metadata={"help": "Warmup: a step count (>= 1) or a ratio of the training steps (< 1)."}
     )
-    layer_decay: float = field(default=1.0, metadata={"help": "Layer-wise learning-rate decay (the recipe: 1.0)."})
     drop_worst_ratio: float = field(
         default=0.2, metadata={"help": "Fraction of the largest token losses dropped after --drop_worst_after."}
     )
@@ -390,14 +367,9 @@ class CaptioningTrainer(Beit3Trainer):
         return PredictionOutput(predictions=None, label_ids=None, metrics=metrics)
 
 
-def build_model(model_args: ModelArguments) -> torch.nn.Module:
+def build_model(model_args: CaptioningModelArguments) -> torch.nn.Module:
     """The captioning model: pretrained (a backbone gets a new language-model head) or new from a config."""
-    source = model_args.model_name_or_path or model_args.config_name
-    if source is None:
-        raise ValueError("Give --model_name_or_path (fine-tune) or --config_name (train from scratch).")
-    config = load_config(source, model_args.config_overrides, trust_remote_code=model_args.trust_remote_code)
-    if model_args.drop_path_rate is not None:
-        config.drop_path_rate = model_args.drop_path_rate
+    config = model_args.load_config()
     if model_args.label_smoothing is not None:
         config.label_smoothing = model_args.label_smoothing
     if model_args.model_name_or_path is None:
@@ -415,7 +387,7 @@ def build_model(model_args: ModelArguments) -> torch.nn.Module:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Run the script with command-line arguments `argv` (default: `sys.argv[1:]`); returns all the metrics."""
     model_args, data_args, training_args = parse_script_args(
-        (ModelArguments, DataArguments, CaptioningTrainingArguments), argv
+        (CaptioningModelArguments, DataArguments, CaptioningTrainingArguments), argv
     )
     setup_logging(training_args, logger)
     check_distributed_launch(training_args)
@@ -429,7 +401,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         training_args.ddp_find_unused_parameters = True
 
     # Data first: malformed files and missing (with --check_images, undecodable) images stop the run here.
-    needs_eval = training_args.do_eval or (training_args.do_train and training_args.eval_strategy != "no")
+    needs_eval = (
+        training_args.do_eval
+        or training_args.eval_before_training
+        or (training_args.do_train and training_args.eval_strategy != "no")
+    )
     train_records = eval_records = test_records = None
     if training_args.do_train:
         train_records = karpathy_records(data_args, data_args.train_split, data_args.max_train_images, train=True)
@@ -449,25 +425,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     model = build_model(model_args)
     processor = load_processor(
-        task="captioning",
-        image_size=model.config.image_size,
-        max_length=data_args.max_text_length,
-        model_name_or_path=model_args.model_name_or_path,
-        tokenizer_name=model_args.tokenizer_name,
-        sentencepiece_model=model_args.sentencepiece_model,
-        trust_remote_code=model_args.trust_remote_code,
+        model_args, task="captioning", image_size=model.config.image_size, max_length=data_args.max_text_length
     )
-    set_special_token_ids(model.config, processor.tokenizer, need_mask=True, source="the tokenizer")
+    fit_text_vocabulary(model, processor.tokenizer, need_mask=True)
     max_caption_length = training_args.max_caption_length or data_args.max_text_length
 
     train_dataset = None
     if train_records:
-        transform = train_image_transform(
-            model.config.image_size,
-            min_crop_scale=data_args.min_crop_scale,
-            hflip=data_args.hflip,
-            randaug=data_args.randaug,
-        )
+        transform = data_args.train_transform(model.config.image_size)
         pairs = caption_pairs(train_records)
 
         def build(batch: dict[str, list], images: list) -> dict[str, list]:
@@ -498,28 +463,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         },
     )
 
-    results: dict[str, float] = {}
-
-    def report(split: str, metrics: dict[str, float]) -> None:
-        trainer.log_metrics(split, metrics)
-        trainer.save_metrics(split, metrics)
-        results.update(metrics)
-
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        # The model, processor and card are saved before any evaluation: a failing evaluation never costs them.
-        save_final_model(trainer, **model_card(training_args.output_dir))
-        metrics = dict(train_result.metrics, train_samples=len(train_dataset))
-        metrics["train_skipped_images"] = len(trainer.skipped_images)
-        report("train", metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        report("eval", trainer.evaluate())
-    if training_args.do_predict:
-        report("test", trainer.predict(test_records).metrics)
-    if training_args.do_train and (training_args.do_eval or training_args.do_predict):
-        write_model_card(trainer, **model_card(training_args.output_dir, results))  # again, with the evaluation
-    return results
+    return run_stages(
+        trainer,
+        training_args,
+        checkpoint=checkpoint,
+        model_card=lambda results: model_card(training_args.output_dir, results),
+        evaluate=lambda prefix: trainer.evaluate(metric_key_prefix=prefix),
+        predict=lambda: trainer.predict(test_records).metrics,
+    )
 
 
 if __name__ == "__main__":

@@ -34,12 +34,6 @@ import torch
 from transformers import EvalPrediction, set_seed
 
 from beit3_hf import Beit3ForVisualReasoning
-from beit3_hf.data.captioning import (
-    keep_special_token_ids,
-    load_processor,
-    set_special_token_ids,
-    train_image_transform,
-)
 from beit3_hf.data.loaders import check_images, gather_skipped, open_image, transform_with_skipping
 from beit3_hf.data.nlvr2 import (
     DEFAULT_IMAGE_DIRS,
@@ -50,14 +44,17 @@ from beit3_hf.data.nlvr2 import (
     nlvr2_dataset,
 )
 from beit3_hf.training.scripts import (
-    ScriptTrainingArguments,
+    ImageTextDataArguments,
+    ImageTextTrainingArguments,
+    ModelArguments,
     check_distributed_launch,
-    load_config,
+    fit_text_vocabulary,
+    keep_special_token_ids,
+    load_processor,
     parse_script_args,
     resolve_checkpoint,
-    save_final_model,
+    run_stages,
     setup_logging,
-    write_model_card,
 )
 from beit3_hf.training.trainer import Beit3Trainer
 
@@ -89,36 +86,16 @@ def model_card(folder: str, results: dict[str, float] | None = None) -> dict[str
 
 
 @dataclass
-class ModelArguments:
-    """Which model to fine-tune, or which configuration to train from scratch, and its tokenizer."""
+class Nlvr2ModelArguments(ModelArguments):
+    """The shared model options, and what to do with a checkpoint's head of another shape."""
 
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "A converted / saved BEiT-3 folder (or Hub repo): a backbone or an NLVR2 model."},
-    )
-    config_name: str | None = field(
-        default=None, metadata={"help": "Train from scratch: a preset such as beit3-base-patch16-224, or a config."}
-    )
-    config_overrides: str | None = field(
-        default=None, metadata={"help": "Comma-separated config changes, e.g. 'hidden_size=128,num_hidden_layers=4'."}
-    )
-    sentencepiece_model: str | None = field(
-        default=None,
-        metadata={"help": "beit3.spm (or another sentencepiece model), instead of the folder's tokenizer."},
-    )
-    tokenizer_name: str | None = field(
-        default=None,
-        metadata={"help": "Any tokenizer folder / Hub id (e.g. a BERT WordPiece one), instead of the folder's."},
-    )
-    drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth of the last layer."})
     ignore_mismatched_sizes: bool = field(
         default=True, metadata={"help": "Re-initialise checkpoint weights whose shape differs."}
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model folder / repo."})
 
 
 @dataclass
-class DataArguments:
+class DataArguments(ImageTextDataArguments):
     """NLVR2 statement files, image folders and the augmentation."""
 
     data_dir: str | None = field(
@@ -130,10 +107,6 @@ class DataArguments:
     train_image_dir: str | None = field(default=None, metadata={"help": "Default: DATA_DIR/images/train."})
     validation_image_dir: str | None = field(default=None, metadata={"help": "Default: DATA_DIR/dev."})
     test_image_dir: str | None = field(default=None, metadata={"help": "Default: DATA_DIR/test1."})
-    max_text_length: int = field(default=64, metadata={"help": "Statement tokens, <s> and </s> included."})
-    min_crop_scale: float = field(default=0.5, metadata={"help": "Random resized crop scale; 1.0 only resizes."})
-    hflip: bool = field(default=True, metadata={"help": "Random horizontal flips of each image (as the original)."})
-    randaug: bool = field(default=False, metadata={"help": "RandAugment (2 ops, magnitude 7)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N statements."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N statements."})
     max_test_samples: int | None = field(default=None, metadata={"help": "Predict the first N statements."})
@@ -154,7 +127,7 @@ class DataArguments:
 
 
 @dataclass
-class Nlvr2TrainingArguments(ScriptTrainingArguments):
+class Nlvr2TrainingArguments(ImageTextTrainingArguments):
     """`TrainingArguments` (with the scripts' resume and image options) and the NLVR2 recipe's defaults."""
 
     weight_decay: float = field(default=0.2, metadata={"help": "AdamW weight decay (the NLVR2 recipe: 0.2)."})
@@ -173,16 +146,11 @@ def load_split(data: DataArguments, split: str, file: str | None, limit: int | N
     return load_nlvr2(file, data.image_dir(split))[:limit]
 
 
-def build_model(model_args: ModelArguments) -> Beit3ForVisualReasoning:
+def build_model(model_args: Nlvr2ModelArguments) -> Beit3ForVisualReasoning:
     """The NLVR2 model: pretrained (a backbone gets a new head) or new from a config."""
-    source = model_args.model_name_or_path or model_args.config_name
-    if source is None:
-        raise ValueError("Give --model_name_or_path (fine-tune) or --config_name (train from scratch).")
-    config = load_config(source, model_args.config_overrides, trust_remote_code=model_args.trust_remote_code)
+    config = model_args.load_config()
     config.id2label = dict(LABELS)
     config.label2id = {name: label for label, name in LABELS.items()}
-    if model_args.drop_path_rate is not None:
-        config.drop_path_rate = model_args.drop_path_rate
     if model_args.model_name_or_path is None:
         return Beit3ForVisualReasoning(config)
     return Beit3ForVisualReasoning.from_pretrained(
@@ -254,7 +222,7 @@ def write_predictions(path: Path, examples: Sequence[Nlvr2Example], logits: np.n
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Run the script with command-line arguments `argv` (default: `sys.argv[1:]`); returns all the metrics."""
     model_args, data_args, training_args = parse_script_args(
-        (ModelArguments, DataArguments, Nlvr2TrainingArguments), argv
+        (Nlvr2ModelArguments, DataArguments, Nlvr2TrainingArguments), argv
     )
     setup_logging(training_args, logger)
     check_distributed_launch(training_args)
@@ -267,7 +235,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         training_args.ddp_find_unused_parameters = True
 
     # Data first: malformed files and missing (with --check_images, undecodable) images stop the run here.
-    needs_eval = training_args.do_eval or (training_args.do_train and training_args.eval_strategy != "no")
+    needs_eval = (
+        training_args.do_eval
+        or training_args.eval_before_training
+        or (training_args.do_train and training_args.eval_strategy != "no")
+    )
     train_examples = eval_examples = test_examples = None
     if training_args.do_train:
         train_examples = load_split(data_args, "train", data_args.train_file, data_args.max_train_samples)
@@ -285,22 +257,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     model = build_model(model_args)
     processor = load_processor(
-        task="nlvr2",
-        image_size=model.config.image_size,
-        max_length=data_args.max_text_length,
-        model_name_or_path=model_args.model_name_or_path,
-        tokenizer_name=model_args.tokenizer_name,
-        sentencepiece_model=model_args.sentencepiece_model,
-        trust_remote_code=model_args.trust_remote_code,
+        model_args, task="nlvr2", image_size=model.config.image_size, max_length=data_args.max_text_length
     )
-    set_special_token_ids(model.config, processor.tokenizer, source="the tokenizer")
+    fit_text_vocabulary(model, processor.tokenizer)
 
-    transform = train_image_transform(
-        model.config.image_size,
-        min_crop_scale=data_args.min_crop_scale,
-        hflip=data_args.hflip,
-        randaug=data_args.randaug,
-    )
+    transform = data_args.train_transform(model.config.image_size)
     kwargs = {"transform": transform, "image_processor": processor.image_processor}
     skip = training_args.skip_undecodable_images
     train_dataset = pair_dataset(train_examples, train=True, skip_bad=skip, **kwargs) if train_examples else None
@@ -317,35 +278,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         layer_decay=training_args.layer_decay,
     )
 
-    results: dict[str, float] = {}
+    def evaluate(prefix: str) -> dict[str, float]:
+        return dict(trainer.evaluate(metric_key_prefix=prefix), **{f"{prefix}_samples": len(eval_dataset)})
 
-    def report(split: str, metrics: dict[str, float]) -> None:
-        trainer.log_metrics(split, metrics)
-        trainer.save_metrics(split, metrics)
-        results.update(metrics)
-
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        # The model, processor and card are saved before any evaluation: a failing evaluation never costs them.
-        save_final_model(trainer, **model_card(training_args.output_dir))
-        metrics = dict(train_result.metrics, train_samples=len(train_dataset))
-        metrics["train_skipped_images"] = len(trainer.skipped_images)
-        report("train", metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        report("eval", dict(trainer.evaluate(), eval_samples=len(eval_dataset)))
-    if training_args.do_predict:
+    def predict() -> dict[str, float]:
         test_dataset = pair_dataset(test_examples, train=False, skip_bad=False, **kwargs)
         prediction = trainer.predict(test_dataset, metric_key_prefix="test")
-        report("test", dict(prediction.metrics, test_samples=len(test_dataset)))
         if trainer.is_world_process_zero():
             Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
             path = Path(training_args.output_dir) / f"predictions_{Path(data_args.test_file).stem}.csv"
             write_predictions(path, test_examples, prediction.predictions)
             logger.info("Predictions of %d statements: %s", len(test_examples), path)
-    if training_args.do_train and (training_args.do_eval or training_args.do_predict):
-        write_model_card(trainer, **model_card(training_args.output_dir, results))  # again, with the evaluation
-    return results
+        return dict(prediction.metrics, test_samples=len(test_dataset))
+
+    return run_stages(
+        trainer,
+        training_args,
+        checkpoint=checkpoint,
+        model_card=lambda results: model_card(training_args.output_dir, results),
+        evaluate=evaluate,
+        predict=predict,
+    )
 
 
 if __name__ == "__main__":

@@ -35,12 +35,6 @@ import torch
 from transformers import AutoModelForVisualQuestionAnswering, EvalPrediction, set_seed
 
 import beit3_hf  # noqa: F401  (registers the BEiT-3 classes with the Auto classes in this process)
-from beit3_hf.data.captioning import (
-    keep_special_token_ids,
-    load_processor,
-    set_special_token_ids,
-    train_image_transform,
-)
 from beit3_hf.data.loaders import ImageRowDecoder, check_images, gather_skipped, open_image, transform_with_skipping
 from beit3_hf.data.vqa import (
     VqaQuestion,
@@ -54,15 +48,19 @@ from beit3_hf.data.vqa import (
 )
 from beit3_hf.evaluation.vqa import target_score_of_prediction
 from beit3_hf.training.scripts import (
-    ScriptTrainingArguments,
+    ImageTextDataArguments,
+    ImageTextTrainingArguments,
+    ModelArguments,
     check_distributed_launch,
+    fit_text_vocabulary,
+    keep_special_token_ids,
     load_config,
+    load_processor,
     parse_script_args,
     resolve_checkpoint,
-    save_final_model,
+    run_stages,
     setup_logging,
     write_json,
-    write_model_card,
 )
 from beit3_hf.training.trainer import Beit3Trainer
 
@@ -80,8 +78,8 @@ logits = model(**processor(images=image, text="what colour is the car?")).logits
 answer = model.config.id2label[int(logits.argmax(-1))]
 ```
 
-`vqa_score` is the original BEiT-3 metric: the soft target (0, 0.3, 0.6, 0.9 or 1 from the annotators' answers) of
-the predicted answer, averaged over the questions."""
+`vqa_accuracy` (the VQA score) is the original BEiT-3 metric: the soft target (0, 0.3, 0.6, 0.9 or 1 from the
+annotators' answers) of the predicted answer, averaged over the questions."""
 
 
 def model_card(folder: str, results: dict[str, float] | None = None) -> dict[str, Any]:
@@ -96,36 +94,16 @@ def model_card(folder: str, results: dict[str, float] | None = None) -> dict[str
 
 
 @dataclass
-class ModelArguments:
-    """Which model to fine-tune, or which configuration to train from scratch, and its tokenizer."""
+class VqaModelArguments(ModelArguments):
+    """The shared model options, and what to do with a checkpoint's classifier made for another answer list."""
 
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "A converted / saved BEiT-3 folder (or Hub repo): a backbone or a VQA model."},
-    )
-    config_name: str | None = field(
-        default=None, metadata={"help": "Train from scratch: a preset such as beit3-base-patch16-480, or a config."}
-    )
-    config_overrides: str | None = field(
-        default=None, metadata={"help": "Comma-separated config changes, e.g. 'hidden_size=128,num_hidden_layers=4'."}
-    )
-    sentencepiece_model: str | None = field(
-        default=None,
-        metadata={"help": "beit3.spm (or another sentencepiece model), instead of the folder's tokenizer."},
-    )
-    tokenizer_name: str | None = field(
-        default=None,
-        metadata={"help": "Any tokenizer folder / Hub id (e.g. a BERT WordPiece one), instead of the folder's."},
-    )
-    drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth of the last layer."})
     ignore_mismatched_sizes: bool = field(
         default=True, metadata={"help": "Re-initialise a checkpoint's classifier made for another answer list."}
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model folder / repo."})
 
 
 @dataclass
-class DataArguments:
+class DataArguments(ImageTextDataArguments):
     """VQAv2 files, the answer list and the augmentation."""
 
     data_dir: str | None = field(
@@ -157,13 +135,6 @@ class DataArguments:
     min_answer_count: int = field(
         default=9, metadata={"help": "Building the answer list: keep majority answers seen this often (original: 9)."}
     )
-    max_text_length: int = field(default=64, metadata={"help": "Question tokens, <s> and </s> included."})
-    min_crop_scale: float = field(default=0.5, metadata={"help": "Random resized crop scale; 1.0 only resizes."})
-    hflip: bool = field(
-        default=True,
-        metadata={"help": "Random horizontal flips (the original applies them, left/right questions too)."},
-    )
-    randaug: bool = field(default=False, metadata={"help": "RandAugment (2 ops, magnitude 7); the recipe uses it."})
     max_train_questions: int | None = field(default=None, metadata={"help": "Train on the first N questions."})
     max_eval_questions: int | None = field(default=None, metadata={"help": "Evaluate on the first N questions."})
     max_test_questions: int | None = field(default=None, metadata={"help": "Predict the first N questions."})
@@ -174,7 +145,7 @@ class DataArguments:
 
 
 @dataclass
-class VqaTrainingArguments(ScriptTrainingArguments):
+class VqaTrainingArguments(ImageTextTrainingArguments):
     """`TrainingArguments` (with the scripts' resume and image options) and the VQA recipe's defaults."""
 
     adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2 (the VQA recipe's --opt_betas 0.9 0.98)."})
@@ -183,7 +154,6 @@ class VqaTrainingArguments(ScriptTrainingArguments):
     warmup_steps: float = field(
         default=0.1, metadata={"help": "Warmup: a step count (>= 1) or a ratio of the training steps (< 1)."}
     )
-    layer_decay: float = field(default=1.0, metadata={"help": "Layer-wise learning-rate decay (the recipe: 1.0)."})
     task_head_lr_weight: float = field(
         default=1.0,
         metadata={"help": "Learning-rate multiplier of the answer classifier (the original's `head`; recipe: 20)."},
@@ -245,15 +215,12 @@ def choose_answers(
     return answers
 
 
-def build_model(model_args: ModelArguments, answers: list[str]) -> torch.nn.Module:
+def build_model(model_args: VqaModelArguments, answers: list[str]) -> torch.nn.Module:
     """The VQA model for `answers`: pretrained (a backbone gets a new classifier) or new from a config."""
-    source = model_args.model_name_or_path or model_args.config_name
-    config = load_config(source, model_args.config_overrides, trust_remote_code=model_args.trust_remote_code)
+    config = model_args.load_config()
     config.id2label = dict(enumerate(answers))
     config.label2id = {answer: label for label, answer in enumerate(answers)}
     config.use_final_layernorm = False  # the original VQA model has no final encoder norm
-    if model_args.drop_path_rate is not None:
-        config.drop_path_rate = model_args.drop_path_rate
     if model_args.model_name_or_path is None:
         return AutoModelForVisualQuestionAnswering.from_config(config, trust_remote_code=model_args.trust_remote_code)
     return AutoModelForVisualQuestionAnswering.from_pretrained(
@@ -264,7 +231,7 @@ def build_model(model_args: ModelArguments, answers: list[str]) -> torch.nn.Modu
     )
 
 
-def source_config(model_args: ModelArguments) -> Any:
+def source_config(model_args: VqaModelArguments) -> Any:
     """The configuration the run starts from (checkpoint or preset), to read a fine-tuned answer list."""
     source = model_args.model_name_or_path or model_args.config_name
     if source is None:
@@ -348,7 +315,7 @@ class VqaTrainer(Beit3Trainer):
 
 def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
     """The VQA score: the mean target score of the predicted answers (`VqaTrainer.prediction_step`)."""
-    return {"vqa_score": float(np.asarray(prediction.label_ids, dtype=np.float64).mean())}
+    return {"vqa_accuracy": float(np.asarray(prediction.label_ids, dtype=np.float64).mean())}
 
 
 def image_datasets(
@@ -392,7 +359,7 @@ def image_datasets(
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Run the script with command-line arguments `argv` (default: `sys.argv[1:]`); returns all the metrics."""
     model_args, data_args, training_args = parse_script_args(
-        (ModelArguments, DataArguments, VqaTrainingArguments), argv
+        (VqaModelArguments, DataArguments, VqaTrainingArguments), argv
     )
     setup_logging(training_args, logger)
     check_distributed_launch(training_args)
@@ -405,7 +372,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         training_args.ddp_find_unused_parameters = True
 
     # Data first: malformed files and missing (with --check_images, undecodable) images stop the run here.
-    needs_eval = training_args.do_eval or (training_args.do_train and training_args.eval_strategy != "no")
+    needs_eval = (
+        training_args.do_eval
+        or training_args.eval_before_training
+        or (training_args.do_train and training_args.eval_strategy != "no")
+    )
     train_q, eval_q, test_q = load_questions(
         data_args, training_args.do_train, needs_eval, training_args.do_predict, training_args.seed
     )
@@ -418,7 +389,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     finetuned = model_args.model_name_or_path is not None and "VisualQuestionAnswering" in str(start.architectures)
     answers = choose_answers(data_args, start, train_q, finetuned)
     logger.info("%d answers: %s ...", len(answers), answers[:10])
-    results: dict[str, float] = {}
     train_q, train_dropped = with_targets(train_q, answers)
     eval_q, eval_dropped = with_targets(eval_q, answers)
     if train_dropped or eval_dropped:  # as the original: questions none of whose answers is in the list
@@ -431,23 +401,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     model = build_model(model_args, answers)
     processor = load_processor(
-        task="vqa",
-        image_size=model.config.image_size,
-        max_length=data_args.max_text_length,
-        model_name_or_path=model_args.model_name_or_path,
-        tokenizer_name=model_args.tokenizer_name,
-        sentencepiece_model=model_args.sentencepiece_model,
-        trust_remote_code=model_args.trust_remote_code,
+        model_args, task="vqa", image_size=model.config.image_size, max_length=data_args.max_text_length
     )
-    set_special_token_ids(model.config, processor.tokenizer, source="the tokenizer")
+    fit_text_vocabulary(model, processor.tokenizer)
 
-    transform = train_image_transform(
-        model.config.image_size,
-        min_crop_scale=data_args.min_crop_scale,
-        hflip=data_args.hflip,
-        randaug=data_args.randaug,
-    )
-    datasets_kwargs = {"transform": transform, "skip_bad": training_args.skip_undecodable_images}
+    datasets_kwargs = {
+        "transform": data_args.train_transform(model.config.image_size),
+        "skip_bad": training_args.skip_undecodable_images,
+    }
     datasets_kwargs["image_processor"] = processor.image_processor
     train_dataset = image_datasets(train_q, train=True, **datasets_kwargs) if train_q else None
     eval_dataset = image_datasets(eval_q, train=False, **datasets_kwargs) if eval_q else None
@@ -464,31 +425,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         task_head_lr_weight=training_args.task_head_lr_weight,
     )
 
-    def report(split: str, metrics: dict[str, float]) -> None:
-        trainer.log_metrics(split, metrics)
-        trainer.save_metrics(split, metrics)
-        results.update(metrics)
+    if training_args.do_train and train_dataset is None:
+        raise ValueError(f"No training question has an answer in the answer list ({len(answers)} answers).")
 
-    if training_args.do_train:
-        if train_dataset is None:
-            raise ValueError(f"No training question has an answer in the answer list ({len(answers)} answers).")
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        # The model, processor and card are saved before any evaluation: a failing evaluation never costs them.
-        save_final_model(trainer, **model_card(training_args.output_dir))
-        metrics = dict(train_result.metrics, train_samples=len(train_dataset), num_answers=len(answers))
-        metrics["train_questions_without_target"] = train_dropped
-        metrics["train_skipped_images"] = len(trainer.skipped_images)
-        report("train", metrics)
-        trainer.save_state()
-    if training_args.do_eval:
+    def evaluate(prefix: str) -> dict[str, float]:
         if eval_dataset is None:
             raise ValueError(f"--eval_split {data_args.eval_split}: no question with an answer in the answer list.")
-        metrics = dict(trainer.evaluate(), eval_samples=len(eval_dataset), eval_questions_without_target=eval_dropped)
-        report("eval", metrics)
-    if training_args.do_predict:
+        metrics = trainer.evaluate(metric_key_prefix=prefix)
+        return {**metrics, f"{prefix}_samples": len(eval_dataset), f"{prefix}_questions_without_target": eval_dropped}
+
+    def predict() -> dict[str, float]:
         test_dataset = image_datasets(test_q, train=False, **datasets_kwargs)
         prediction = trainer.predict(test_dataset, metric_key_prefix="test")
-        report("test", dict(prediction.metrics, test_samples=len(test_dataset)))
         if trainer.is_world_process_zero():
             Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
             path = Path(training_args.output_dir) / f"predictions_{data_args.test_split}.json"
@@ -497,9 +445,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 path, [{"question_id": q.question_id, "answer": answers[int(i)]} for q, i in zip(test_q, indices)]
             )
             logger.info("Answers to %d questions (the evaluation server's format): %s", len(test_q), path)
-    if training_args.do_train and (training_args.do_eval or training_args.do_predict):
-        write_model_card(trainer, **model_card(training_args.output_dir, results))  # again, with the evaluation
-    return results
+        return dict(prediction.metrics, test_samples=len(test_dataset))
+
+    return run_stages(
+        trainer,
+        training_args,
+        checkpoint=checkpoint,
+        model_card=lambda results: model_card(training_args.output_dir, results),
+        evaluate=evaluate,
+        predict=predict,
+        train_metrics={"num_answers": len(answers), "train_questions_without_target": train_dropped},
+    )
 
 
 if __name__ == "__main__":

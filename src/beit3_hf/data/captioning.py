@@ -1,5 +1,4 @@
-"""Captioning data (COCO Karpathy split, NoCaps-style image folders), the original caption masking, and the text and
-image inputs that the vision-language example scripts share.
+"""Captioning data (COCO Karpathy split, NoCaps-style image folders) and the original caption masking.
 
 Captioning:
 
@@ -12,15 +11,6 @@ Captioning:
 - :func:`mask_caption`: the original ``CaptioningDataset`` masking: ``max(1, min(round(n * p), n - 1))`` positions in
   ``[1, n - 1]`` (never the first token; possibly ``</s>``), each turned into ``<mask>`` (80%), kept (10%) or
   replaced by a random id (10%), with the same random draws, in the same order, as the original.
-
-Shared by ``examples/{vqa,nlvr2,captioning}`` (and usable by the other scripts):
-
-- :func:`load_processor`: the processor of a run: ``--sentencepiece_model`` (``beit3.spm``), ``--tokenizer_name``
-  (any transformers tokenizer, e.g. a Chinese BERT WordPiece one), or the checkpoint folder's own;
-- :func:`tokenizer_special_ids` / :func:`set_special_token_ids`: a model's ``bos/eos/pad/mask`` ids from its
-  tokenizer, with ``[CLS]`` / ``[SEP]`` standing in for tokenizers without ``<s>`` / ``</s>``;
-- :func:`train_image_transform`: the original vision-language training transform (random resized crop, flip,
-  optional RandAugment, mean = std = 0.5).
 
 Library code (never shipped in a checkpoint folder).
 """
@@ -35,21 +25,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from .loaders import IMAGE_EXTENSIONS, check_images_exist, load_karpathy_split
 
 __all__ = [
     "CaptionRecord",
     "image_folder_records",
-    "keep_special_token_ids",
     "load_caption_references",
     "load_karpathy_captions",
-    "load_processor",
     "mask_caption",
-    "set_special_token_ids",
-    "tokenizer_special_ids",
-    "train_image_transform",
 ]
 
 logger = logging.getLogger(__name__)
@@ -225,158 +210,3 @@ def mask_caption(
             masked[i] = rng.randint(first_random_id, vocab_size - 1)
         done += 1
     return masked, positions
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Text and image inputs of the vision-language scripts
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def tokenizer_special_ids(tokenizer: Any, *, need_mask: bool = False, source: str = "the tokenizer") -> dict[str, int]:
-    """``{"bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id"}`` of a tokenizer for a BEiT-3 config.
-
-    A tokenizer without ``<s>`` / ``</s>`` (BERT WordPiece: ``[CLS]`` ... ``[SEP]``) gives its cls / sep ids, which
-    it puts around every text. ``mask_token_id`` is left out when the tokenizer has none, unless ``need_mask``
-    (captioning decodes at the ``<mask>`` slot), which raises naming ``source``.
-
-    Example:
-        >>> from types import SimpleNamespace
-        >>> bert = SimpleNamespace(bos_token_id=None, eos_token_id=None, cls_token_id=101, sep_token_id=102,
-        ...                        pad_token_id=0, mask_token_id=103)
-        >>> tokenizer_special_ids(bert)
-        {'bos_token_id': 101, 'eos_token_id': 102, 'pad_token_id': 0, 'mask_token_id': 103}
-    """
-    name = type(tokenizer).__name__
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(tokenizer, "cls_token_id", None)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(tokenizer, "sep_token_id", None)
-    if bos is None or eos is None:
-        raise ValueError(
-            f"{source} ({name}) has neither bos/eos nor cls/sep tokens: BEiT-3 needs begin and end tokens."
-        )
-    if tokenizer.pad_token_id is None:
-        raise ValueError(f"{source} ({name}) has no pad token: set one (e.g. tokenizer.pad_token = ...) and save it.")
-    ids = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
-    mask = getattr(tokenizer, "mask_token_id", None)
-    if mask is not None:
-        ids["mask_token_id"] = mask
-    elif need_mask:
-        raise ValueError(f"{source} ({name}) has no mask token: captioning predicts at a <mask> slot; add one.")
-    return ids
-
-
-def set_special_token_ids(
-    config: Any, tokenizer: Any, *, need_mask: bool = False, source: str = "the tokenizer"
-) -> None:
-    """Write :func:`tokenizer_special_ids` into ``config``, logging each id that changes, and check that every id of
-    the tokenizer fits the model's vocabulary (``config.vocab_size``)."""
-    size = len(tokenizer)
-    if size > config.vocab_size:
-        raise ValueError(
-            f"{source} has {size} ids but the model's vocabulary only {config.vocab_size}: use a model with a larger "
-            f"vocabulary (from scratch: --config_overrides vocab_size={size})."
-        )
-    for name, value in tokenizer_special_ids(tokenizer, need_mask=need_mask, source=source).items():
-        if getattr(config, name, None) != value:
-            logger.info("config.%s: %s -> %s (from %s)", name, getattr(config, name, None), value, source)
-            setattr(config, name, value)
-
-
-def keep_special_token_ids(tokenizer: Any, *, need_mask: bool = False) -> Any:
-    """A ``TrainerCallback`` that writes :func:`tokenizer_special_ids` into the model's config when training starts.
-
-    Some transformers versions (5.13) make ``Trainer.train`` align the config's ``bos`` / ``eos`` ids with the
-    tokenizer's ``bos_token_id`` / ``eos_token_id``, which are None for BERT-style tokenizers; BEiT-3 uses their
-    ``[CLS]`` / ``[SEP]`` there (captioning's ``generate`` starts from ``bos_token_id``).
-    """
-    from transformers import TrainerCallback
-
-    class KeepSpecialTokenIds(TrainerCallback):
-        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-            if model is not None:
-                set_special_token_ids(model.config, tokenizer, need_mask=need_mask)
-
-    return KeepSpecialTokenIds()
-
-
-def load_processor(
-    *,
-    task: str,
-    image_size: int,
-    max_length: int,
-    model_name_or_path: str | None = None,
-    tokenizer_name: str | None = None,
-    sentencepiece_model: str | None = None,
-    trust_remote_code: bool = False,
-) -> Any:
-    """The ``Beit3Processor`` of a run, from the first of:
-
-    1. ``sentencepiece_model``: ``beit3.spm`` (or another sentencepiece model), converted with the original ids;
-    2. ``tokenizer_name``: any tokenizer ``AutoTokenizer`` loads (a folder or Hub id), e.g. a BERT WordPiece one;
-    3. ``model_name_or_path``: the checkpoint folder's own processor (``AutoProcessor``).
-
-    In cases 1 and 2 the image side is the vision-language eval transform of ``task`` at ``image_size``; in every
-    case texts are padded / truncated to ``max_length`` tokens.
-    """
-    from ..conversion.tokenizer import load_sentencepiece_tokenizer, processor_for_task
-
-    if sentencepiece_model is not None:
-        tokenizer = load_sentencepiece_tokenizer(sentencepiece_model, max_length=max_length)
-    elif tokenizer_name is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, trust_remote_code=trust_remote_code)
-        tokenizer.model_max_length = max_length
-    elif model_name_or_path is not None:
-        from transformers import AutoProcessor
-
-        try:
-            processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"{model_name_or_path} has no processor ({error}); pass --sentencepiece_model beit3.spm or "
-                "--tokenizer_name."
-            ) from error
-        if not hasattr(processor, "tokenizer"):
-            raise ValueError(
-                f"{model_name_or_path} holds an image processor only; pass --sentencepiece_model or --tokenizer_name."
-            )
-        processor.max_length = max_length
-        return processor
-    else:
-        raise ValueError(
-            "No tokenizer: pass --sentencepiece_model (beit3.spm), --tokenizer_name, or a checkpoint folder."
-        )
-    return processor_for_task(tokenizer, task=task, image_size=image_size, max_length=max_length)
-
-
-def train_image_transform(
-    image_size: int, *, min_crop_scale: float = 0.5, hflip: bool = True, randaug: bool = False
-) -> Any:
-    """The original vision-language training transform: random resized crop (scale ``min_crop_scale``-1, bicubic;
-    1.0 only resizes), horizontal flip, optional RandAugment (torchvision's, 2 ops at magnitude 7, standing in for
-    the original's BLIP RandomAugment), then mean = std = 0.5.
-
-    The original flips VQA and NLVR2 images too, although "left" / "right" in a question then change meaning.
-
-    Example:
-        >>> from PIL import Image
-        >>> train_image_transform(32, min_crop_scale=1.0, hflip=False)(Image.new("RGB", (50, 40))).shape
-        torch.Size([3, 32, 32])
-    """
-    from torchvision import transforms
-
-    bicubic = transforms.InterpolationMode.BICUBIC
-    if not 0.0 < min_crop_scale <= 1.0:
-        raise ValueError(f"min_crop_scale must be in (0, 1], got {min_crop_scale}.")
-    if min_crop_scale < 1.0:
-        steps: list[Any] = [
-            transforms.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), interpolation=bicubic)
-        ]
-    else:
-        steps = [transforms.Resize((image_size, image_size), interpolation=bicubic)]
-    if hflip:
-        steps.append(transforms.RandomHorizontalFlip())
-    if randaug:
-        steps.append(transforms.RandAugment(num_ops=2, magnitude=7))
-    steps += [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
-    return transforms.Compose(steps)

@@ -326,12 +326,12 @@ def caption_metrics(
 
     Example:
         >>> metrics = caption_metrics({1: ["A red circle."], 2: ["A blue box."]}, {1: "a red circle", 2: "a box"})
-        >>> sorted(metrics), round(metrics["bleu_1"], 3)
-        (['bleu_1', 'bleu_2', 'bleu_3', 'bleu_4', 'cider'], 0.819)
+        >>> sorted(metrics), round(metrics["bleu1"], 3)
+        (['bleu1', 'bleu2', 'bleu3', 'bleu4', 'cider'], 0.819)
     """
     prepare = tokenize_caption if tokenize else (lambda text: text)
     refs = {key: [prepare(text) for text in texts] for key, texts in references.items()}
     cands = {key: prepare(text) for key, text in candidates.items()}
     metrics = {"cider": cider_d(refs, cands)[0]}
-    metrics.update({f"bleu_{k + 1}": value for k, value in enumerate(bleu(refs, cands))})
+    metrics.update({f"bleu{k + 1}": value for k, value in enumerate(bleu(refs, cands))})
     return metrics

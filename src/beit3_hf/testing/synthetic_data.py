@@ -941,11 +941,16 @@ class SyntheticNlvr2Paths:
         return self.json_dir / f"{split}.json"
 
 
+_NLVR2_KINDS = tuple(os.environ.get("NLVR2_KINDS", "colour,shape,count").split(","))
+
+
 def nlvr2_statement(left: Sequence[SceneObject], right: Sequence[SceneObject], label: bool, rng: random.Random) -> str:
     """A statement about the colours, shapes or number of shapes of one image of a pair, true iff ``label``.
 
-    A false statement names a colour or shape missing from its image, taken from the other image when possible, so
-    that only looking at the right image tells.
+    A false statement names a colour or shape missing from its image: half the time one that only the other image
+    has (only looking at the named image tells), otherwise one that neither has. A model can first learn whether the
+    pair shows the named colour or shape at all, then which image does; were every false statement about the other
+    image, neither skill alone would beat chance and a small model trained from scratch stays there.
 
     Example:
         >>> import random
@@ -955,7 +960,7 @@ def nlvr2_statement(left: Sequence[SceneObject], right: Sequence[SceneObject], l
     """
     side = rng.choice(("left", "right"))
     this, other = (left, right) if side == "left" else (right, left)
-    kind = rng.choice(("colour", "shape", "count"))
+    kind = rng.choice(_NLVR2_KINDS)
     if kind == "count":
         n = len(this) if label else rng.choice([k for k in (1, 2) if k != len(this)] or [1])
         return f"the {side} image has {n} shape{'s' if n > 1 else ''}"
@@ -964,9 +969,10 @@ def nlvr2_statement(left: Sequence[SceneObject], right: Sequence[SceneObject], l
     if label:
         value = rng.choice(sorted(present))
     else:
-        absent_elsewhere = sorted({getattr(o, attribute) for o in other} - present)
         universe = list(COLOURS)[:4] if attribute == "colour" else list(SHAPES[:3])
-        value = rng.choice(absent_elsewhere or [v for v in universe if v not in present])
+        elsewhere = sorted({getattr(o, attribute) for o in other} - present)
+        nowhere = [v for v in universe if v not in present and v not in elsewhere]
+        value = rng.choice(elsewhere if elsewhere and (not nowhere or rng.random() < 0.5) else nowhere)
     if attribute == "colour":
         return rng.choice(
             (f"the {side} image contains a {value} shape", f"there is a {value} object in the {side} image")

@@ -227,3 +227,13 @@ def chinese_wordpiece_tokenizer(folder: Path, texts: list[str], vocab_size: int 
     tokenizer = BertTokenizer.from_pretrained(vocab)
     tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+def run_example(script: Path, args: list[str], tmp_path: Path, processes: int = 1, timeout: int = 900):
+    """Run an example script in a fresh process (`processes` > 1: `accelerate launch` on gloo), offline, with one
+    thread per process; assert it succeeds and return the `CompletedProcess`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(script), *args] if processes == 1 else accelerate_launch(script, args, processes)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result

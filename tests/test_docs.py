@@ -8,12 +8,18 @@ from pathlib import Path
 
 import pytest
 
+import beit3_hf.data.captioning
 import beit3_hf.data.loaders
+import beit3_hf.data.nlvr2
+import beit3_hf.data.vqa
+import beit3_hf.evaluation.captioning
 import beit3_hf.evaluation.retrieval
+import beit3_hf.evaluation.vqa
 import beit3_hf.models.beit3.configuration_beit3
 import beit3_hf.models.beit3.modeling_beit3
 import beit3_hf.testing.synthetic_data
 import beit3_hf.training.lora
+import beit3_hf.training.scripts
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -24,9 +30,15 @@ README = Path(__file__).resolve().parents[1] / "README.md"
         beit3_hf.models.beit3.configuration_beit3,
         beit3_hf.models.beit3.modeling_beit3,
         beit3_hf.data.loaders,
+        beit3_hf.data.captioning,
+        beit3_hf.data.nlvr2,
+        beit3_hf.data.vqa,
         beit3_hf.evaluation.retrieval,
+        beit3_hf.evaluation.captioning,
+        beit3_hf.evaluation.vqa,
         beit3_hf.testing.synthetic_data,
         beit3_hf.training.lora,
+        beit3_hf.training.scripts,
     ],
 )
 def test_docstring_examples(module):

@@ -7,7 +7,6 @@ examples/retrieval), and (slow) learning from scratch."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +20,9 @@ from beit3_hf.evaluation.captioning import caption_metrics, captioning_loss
 from beit3_hf.testing.synthetic_data import write_synthetic_dataset
 
 from oracle_utils import (
-    accelerate_launch,
     chinese_wordpiece_tokenizer,
     load_example_script,
+    run_example,
     run_fresh_python,
     train_sentencepiece,
 )
@@ -195,11 +194,7 @@ def test_collator_masks_as_the_original_and_trainer_drops_the_worst(script, trai
 
 
 def run_script(script: Path, args: list[str], tmp_path: Path, processes: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(script), *args] if processes == 1 else accelerate_launch(script, args, processes)
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+    return run_example(script, args, tmp_path, processes)
 
 
 def test_two_processes_with_gradient_checkpointing(data, tmp_path):

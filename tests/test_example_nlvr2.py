@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from beit3_hf.data.nlvr2 import PairRowDecoder, load_nlvr2, nlvr2_accuracy, nlvr2_dataset
 from beit3_hf.testing.synthetic_data import write_synthetic_nlvr2
 
-from oracle_utils import accelerate_launch, load_example_script, run_fresh_python, train_sentencepiece
+from oracle_utils import load_example_script, run_example, run_fresh_python, train_sentencepiece
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "nlvr2" / "run_nlvr2.py"
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,image_size=32,patch_size=16,max_position_embeddings=24"
@@ -156,12 +155,8 @@ def test_train_evaluate_predict_and_reload_in_a_fresh_process(script, data, tmp_
     assert fresh["accuracy"] == pytest.approx(results["eval_accuracy"], abs=1e-9)
 
 
-def run_script(args: list[str], tmp_path: Path, processes: int, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(SCRIPT), *args] if processes == 1 else accelerate_launch(SCRIPT, args, processes)
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+def run_script(args: list[str], tmp_path: Path, processes: int) -> subprocess.CompletedProcess:
+    return run_example(SCRIPT, args, tmp_path, processes)
 
 
 @pytest.mark.slow  # about a minute; tests/test_example_captioning.py runs its 2-process test by default

@@ -5,7 +5,6 @@ gradient checkpointing, and (slow) learning from scratch."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,9 @@ import torch
 
 from beit3_hf.data.vqa import load_vqa_split, vqa_split_files, with_targets
 from beit3_hf.testing.synthetic_data import write_synthetic_vqa
+from beit3_hf.training.scripts import ModelArguments, load_processor, parse_script_args
 
-from oracle_utils import accelerate_launch, load_example_script, run_fresh_python, train_sentencepiece
+from oracle_utils import load_example_script, run_example, run_fresh_python, train_sentencepiece
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "vqa" / "run_vqa.py"
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,image_size=32,patch_size=16,max_position_embeddings=24"
@@ -126,7 +126,7 @@ def test_train_evaluate_predict_and_reload_in_a_fresh_process(script, data, tmp_
 def test_optimizer_has_the_original_betas_and_head_learning_rate(script, data, tmp_path):
     """AdamW betas (0.9, 0.98) and the classifier (the original's `head`, not the pooler) at 20x the learning rate."""
     paths, spm = data
-    model_args, _data_args, training_args = script.parse_script_args(
+    model_args, _data_args, training_args = parse_script_args(
         (script.ModelArguments, script.DataArguments, script.VqaTrainingArguments),
         script_args(paths, spm, tmp_path / "out", "--task_head_lr_weight", "20", "--learning_rate", "1e-4"),
     )
@@ -153,18 +153,12 @@ def test_optimizer_has_the_original_betas_and_head_learning_rate(script, data, t
 
 
 def _processor(model, spm):
-    from beit3_hf.training.scripts import ModelArguments, load_processor
-
     model_args = ModelArguments(sentencepiece_model=str(spm))
     return load_processor(model_args, task="vqa", image_size=model.config.image_size, max_length=16)
 
 
-def run_script(args: list[str], tmp_path: Path, processes: int, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(SCRIPT), *args] if processes == 1 else accelerate_launch(SCRIPT, args, processes)
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+def run_script(args: list[str], tmp_path: Path, processes: int) -> subprocess.CompletedProcess:
+    return run_example(SCRIPT, args, tmp_path, processes)
 
 
 @pytest.mark.slow  # about a minute; tests/test_example_captioning.py runs its 2-process test by default

@@ -381,6 +381,39 @@ def test_nlvr2_statements_are_true_or_false_of_their_image():
         assert truth == label, statement
 
 
+def test_nlvr2_false_statements_mix_the_other_image_and_neither():
+    """False colour / shape statements name what only the other image has about half the time (only the named
+    image tells), otherwise what neither has (the pair tells): a model can learn the second before the first."""
+    rng = random.Random(0)
+    left = [SceneObject("red", "circle", "top left")]
+    right = [SceneObject("blue", "square", "bottom right")]
+    counts = {"other": 0, "neither": 0}
+    for _ in range(400):
+        statement = nlvr2_statement(left, right, False, rng)
+        this, other = (left, right) if " left image" in statement else (right, left)
+        words = set(statement.split())
+        named = [v for o in this + other for v in (o.colour, o.shape) if v in words]
+        if "shape" in statement.split()[-1] and statement.split()[-2].isdigit():
+            continue  # a count
+        assert not any(v in words for o in this for v in (o.colour, o.shape)), statement
+        counts["other" if named else "neither"] += 1
+    assert min(counts.values()) > 0.35 * sum(counts.values()), counts
+
+
+def test_cli_trains_a_sentencepiece_model_of_the_written_texts(tmp_path):
+    import sentencepiece
+
+    common = ["--num-train", "3", "--num-val", "1", "--num-test", "1", "--image-size", "32", "--quiet"]
+    assert main(["--task", "nlvr2", "--output", str(tmp_path / "nlvr2"), *common, "--spm-vocab-size", "60"]) == 0
+    model = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "nlvr2" / "text.spm"))
+    statement = json.loads((tmp_path / "nlvr2" / "nlvr2" / "data" / "dev.json").read_text().splitlines()[0])
+    assert model.get_piece_size() >= 30 and model.decode(model.encode(statement["sentence"])) == statement["sentence"]
+    assert sorted(p.name for p in (tmp_path / "nlvr2").iterdir() if p.is_file()) == [
+        "synthetic_manifest.json",
+        "text.spm",
+    ]
+
+
 def test_cli_writes_the_vqa_and_nlvr2_layouts(tmp_path, capsys):
     common = ["--num-train", "2", "--num-val", "1", "--num-test", "1", "--image-size", "32"]
     assert main(["--task", "vqa", "--output", str(tmp_path / "vqa"), *common]) == 0

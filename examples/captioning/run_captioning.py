@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForImageTextToText, TrainerCallback, TrainingArguments, set_seed
+from transformers import AutoModelForImageTextToText, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PredictionOutput, speed_metrics
 
 import beit3_hf  # noqa: F401  (registers the BEiT-3 classes with the Auto classes in this process)
@@ -54,14 +54,11 @@ from beit3_hf.training.scripts import (
     ImageTextDataArguments,
     ImageTextTrainingArguments,
     ModelArguments,
-    check_distributed_launch,
     fit_text_vocabulary,
     keep_special_token_ids,
     load_processor,
-    parse_script_args,
-    resolve_checkpoint,
     run_stages,
-    setup_logging,
+    start_run,
     write_json,
 )
 from beit3_hf.training.trainer import Beit3Trainer
@@ -81,17 +78,6 @@ print(processor.batch_decode(ids))
 ```
 
 CIDEr (CIDEr-D) and BLEU are computed as pycocoevalcap does, on its 0-10 / 0-1 scales."""
-
-
-def model_card(folder: str, results: dict[str, float] | None = None) -> dict[str, Any]:
-    """`write_model_card` arguments (a new dict each time: `create_model_card` extends the tag list in place)."""
-    return {
-        "description": USAGE.format(folder=Path(folder).name),
-        "results": results,
-        "tags": ["beit3", "image-captioning", "beit3-hf"],
-        "tasks": "image-to-text",
-        "license": "mit",
-    }
 
 
 @dataclass
@@ -375,7 +361,10 @@ def build_model(model_args: CaptioningModelArguments) -> torch.nn.Module:
     if model_args.model_name_or_path is None:
         return AutoModelForImageTextToText.from_config(config, trust_remote_code=model_args.trust_remote_code)
     return AutoModelForImageTextToText.from_pretrained(
-        model_args.model_name_or_path, config=config, trust_remote_code=model_args.trust_remote_code
+        model_args.model_name_or_path,
+        config=config,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        trust_remote_code=model_args.trust_remote_code,
     )
 
 
@@ -386,26 +375,12 @@ def build_model(model_args: CaptioningModelArguments) -> torch.nn.Module:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Run the script with command-line arguments `argv` (default: `sys.argv[1:]`); returns all the metrics."""
-    model_args, data_args, training_args = parse_script_args(
-        (CaptioningModelArguments, DataArguments, CaptioningTrainingArguments), argv
+    model_args, data_args, training_args, checkpoint = start_run(
+        (CaptioningModelArguments, DataArguments, CaptioningTrainingArguments), argv, logger
     )
-    setup_logging(training_args, logger)
-    check_distributed_launch(training_args)
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
-        logger.warning("None of --do_train, --do_eval, --do_predict was given: nothing to do.")
-    checkpoint = resolve_checkpoint(training_args) if training_args.do_train else None
-    set_seed(training_args.seed)
-    if training_args.ddp_find_unused_parameters is None:
-        # Some parameters get no gradient in a captioning step (the vision mask token); non-reentrant checkpointing
-        # allows it.
-        training_args.ddp_find_unused_parameters = True
 
     # Data first: malformed files and missing (with --check_images, undecodable) images stop the run here.
-    needs_eval = (
-        training_args.do_eval
-        or training_args.eval_before_training
-        or (training_args.do_train and training_args.eval_strategy != "no")
-    )
+    needs_eval = training_args.needs_eval_data
     train_records = eval_records = test_records = None
     if training_args.do_train:
         train_records = karpathy_records(data_args, data_args.train_split, data_args.max_train_images, train=True)
@@ -467,7 +442,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         trainer,
         training_args,
         checkpoint=checkpoint,
-        model_card=lambda results: model_card(training_args.output_dir, results),
+        usage=USAGE,
+        card={"tags": ["beit3", "image-captioning", "beit3-hf"], "tasks": "image-to-text"},
         evaluate=lambda prefix: trainer.evaluate(metric_key_prefix=prefix),
         predict=lambda: trainer.predict(test_records).metrics,
     )

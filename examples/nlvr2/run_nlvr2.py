@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import EvalPrediction, set_seed
+from transformers import EvalPrediction
 
 from beit3_hf import Beit3ForVisualReasoning
 from beit3_hf.data.loaders import check_images, gather_skipped, open_image, transform_with_skipping
@@ -47,14 +47,11 @@ from beit3_hf.training.scripts import (
     ImageTextDataArguments,
     ImageTextTrainingArguments,
     ModelArguments,
-    check_distributed_launch,
     fit_text_vocabulary,
     keep_special_token_ids,
     load_processor,
-    parse_script_args,
-    resolve_checkpoint,
     run_stages,
-    setup_logging,
+    start_run,
 )
 from beit3_hf.training.trainer import Beit3Trainer
 
@@ -73,25 +70,6 @@ processor = AutoProcessor.from_pretrained("{folder}", trust_remote_code=True)
 inputs = processor(images=[(left_image, right_image)], text=["The left image contains twice as many dogs."])
 is_true = model(**inputs).logits.argmax(-1).item() == 1
 ```"""
-
-
-def model_card(folder: str, results: dict[str, float] | None = None) -> dict[str, Any]:
-    """`write_model_card` arguments (a new dict each time: `create_model_card` extends the tag list in place)."""
-    return {
-        "description": USAGE.format(folder=Path(folder).name),
-        "results": results,
-        "tags": ["beit3", "nlvr2", "visual-reasoning", "beit3-hf"],
-        "license": "mit",
-    }
-
-
-@dataclass
-class Nlvr2ModelArguments(ModelArguments):
-    """The shared model options, and what to do with a checkpoint's head of another shape."""
-
-    ignore_mismatched_sizes: bool = field(
-        default=True, metadata={"help": "Re-initialise checkpoint weights whose shape differs."}
-    )
 
 
 @dataclass
@@ -146,7 +124,7 @@ def load_split(data: DataArguments, split: str, file: str | None, limit: int | N
     return load_nlvr2(file, data.image_dir(split))[:limit]
 
 
-def build_model(model_args: Nlvr2ModelArguments) -> Beit3ForVisualReasoning:
+def build_model(model_args: ModelArguments) -> Beit3ForVisualReasoning:
     """The NLVR2 model: pretrained (a backbone gets a new head) or new from a config."""
     config = model_args.load_config()
     config.id2label = dict(LABELS)
@@ -221,25 +199,12 @@ def write_predictions(path: Path, examples: Sequence[Nlvr2Example], logits: np.n
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Run the script with command-line arguments `argv` (default: `sys.argv[1:]`); returns all the metrics."""
-    model_args, data_args, training_args = parse_script_args(
-        (Nlvr2ModelArguments, DataArguments, Nlvr2TrainingArguments), argv
+    model_args, data_args, training_args, checkpoint = start_run(
+        (ModelArguments, DataArguments, Nlvr2TrainingArguments), argv, logger
     )
-    setup_logging(training_args, logger)
-    check_distributed_launch(training_args)
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
-        logger.warning("None of --do_train, --do_eval, --do_predict was given: nothing to do.")
-    checkpoint = resolve_checkpoint(training_args) if training_args.do_train else None
-    set_seed(training_args.seed)
-    if training_args.ddp_find_unused_parameters is None:
-        # Some parameters get no gradient in an NLVR2 step (the vision mask token); non-reentrant checkpointing allows it.
-        training_args.ddp_find_unused_parameters = True
 
     # Data first: malformed files and missing (with --check_images, undecodable) images stop the run here.
-    needs_eval = (
-        training_args.do_eval
-        or training_args.eval_before_training
-        or (training_args.do_train and training_args.eval_strategy != "no")
-    )
+    needs_eval = training_args.needs_eval_data
     train_examples = eval_examples = test_examples = None
     if training_args.do_train:
         train_examples = load_split(data_args, "train", data_args.train_file, data_args.max_train_samples)
@@ -295,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         trainer,
         training_args,
         checkpoint=checkpoint,
-        model_card=lambda results: model_card(training_args.output_dir, results),
+        usage=USAGE,
+        card={"tags": ["beit3", "nlvr2", "visual-reasoning", "beit3-hf"]},
         evaluate=evaluate,
         predict=predict,
     )

@@ -28,11 +28,10 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModel, set_seed
+from transformers import AutoModel
 from transformers.trainer_utils import PredictionOutput, speed_metrics
 
 from beit3_hf import Beit3ForImageTextRetrieval
@@ -52,14 +51,11 @@ from beit3_hf.training.scripts import (
     ImageTextDataArguments,
     ImageTextTrainingArguments,
     ModelArguments,
-    check_distributed_launch,
     fit_text_vocabulary,
     keep_special_token_ids,
     load_processor,
-    parse_script_args,
-    resolve_checkpoint,
     run_stages,
-    setup_logging,
+    start_run,
 )
 from beit3_hf.training.trainer import Beit3Trainer
 
@@ -79,16 +75,6 @@ similarity = model(**inputs).logits_per_image
 ```
 
 Recall metrics (`tr_r1`: text retrieval R@1, `ir_r1`: image retrieval R@1, ...) are fractions of the queries."""
-
-
-def model_card(folder: str, results: dict[str, float] | None = None) -> dict[str, Any]:
-    """`write_model_card` arguments (a new dict each time: `create_model_card` extends the tag list in place)."""
-    return {
-        "description": USAGE.format(folder=Path(folder).name),
-        "results": results,
-        "tags": ["beit3", "image-text-retrieval", "beit3-hf"],
-        "license": "mit",
-    }
 
 
 @dataclass
@@ -140,7 +126,10 @@ def build_model_and_processor(args: ModelArguments, max_text_length: int) -> tup
     config = args.load_config()
     if args.model_name_or_path is not None:
         model = AutoModel.from_pretrained(
-            args.model_name_or_path, config=config, trust_remote_code=args.trust_remote_code
+            args.model_name_or_path,
+            config=config,
+            ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+            trust_remote_code=args.trust_remote_code,
         )
         if type(model).__name__ != "Beit3ForImageTextRetrieval":  # the package's class or the folder's own code
             raise ValueError(f"{args.model_name_or_path} holds a {type(model).__name__}, not a retrieval model.")
@@ -239,16 +228,9 @@ def index_metrics(prefix: str, index: RetrievalEvalIndex) -> dict[str, int]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Run the script with command-line arguments `argv` (default: `sys.argv[1:]`); returns all the metrics."""
-    model_args, data_args, training_args = parse_script_args(
-        (ModelArguments, DataArguments, RetrievalTrainingArguments), argv
+    model_args, data_args, training_args, checkpoint = start_run(
+        (ModelArguments, DataArguments, RetrievalTrainingArguments), argv, logger
     )
-    setup_logging(training_args, logger)
-    check_distributed_launch(training_args)
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
-        logger.warning("None of --do_train, --do_eval, --do_predict was given: nothing to do.")
-    # Before anything else: refuse an output folder this run would clobber, find the checkpoint to resume.
-    checkpoint = resolve_checkpoint(training_args) if training_args.do_train else None
-    set_seed(training_args.seed)
 
     # Data first: malformed files, missing (and with --check_images, undecodable) images stop the run here.
     train_records = eval_records = test_records = None
@@ -256,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         train_records = load_records(
             data_args, data_args.train_split, data_args.train_file, data_args.max_train_images
         )
-    if training_args.do_eval or training_args.eval_before_training:
+    if training_args.needs_eval_data:
         eval_records = load_records(
             data_args, data_args.eval_split, data_args.validation_file, data_args.max_eval_images
         )
@@ -268,9 +250,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 check_images(dict.fromkeys(r.image_path for r in records), source=f"the {name} set")
 
     model, processor = build_model_and_processor(model_args, data_args.max_text_length)
-    if training_args.ddp_find_unused_parameters is None:
-        # Some parameters get no gradient in a retrieval step (the mask token); non-reentrant checkpointing allows it.
-        training_args.ddp_find_unused_parameters = True
 
     train_dataset = None
     if train_records:
@@ -300,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         trainer,
         training_args,
         checkpoint=checkpoint,
-        model_card=lambda results: model_card(training_args.output_dir, results),
+        usage=USAGE,
+        card={"tags": ["beit3", "image-text-retrieval", "beit3-hf"]},
         evaluate=evaluate,
         predict=predict,
     )

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForVisualQuestionAnswering, EvalPrediction, set_seed
+from transformers import AutoModelForVisualQuestionAnswering, EvalPrediction
 
 import beit3_hf  # noqa: F401  (registers the BEiT-3 classes with the Auto classes in this process)
 from beit3_hf.data.loaders import ImageRowDecoder, check_images, gather_skipped, open_image, transform_with_skipping
@@ -51,15 +51,12 @@ from beit3_hf.training.scripts import (
     ImageTextDataArguments,
     ImageTextTrainingArguments,
     ModelArguments,
-    check_distributed_launch,
     fit_text_vocabulary,
     keep_special_token_ids,
     load_config,
     load_processor,
-    parse_script_args,
-    resolve_checkpoint,
     run_stages,
-    setup_logging,
+    start_run,
     write_json,
 )
 from beit3_hf.training.trainer import Beit3Trainer
@@ -80,26 +77,6 @@ answer = model.config.id2label[int(logits.argmax(-1))]
 
 `vqa_accuracy` (the VQA score) is the original BEiT-3 metric: the soft target (0, 0.3, 0.6, 0.9 or 1 from the
 annotators' answers) of the predicted answer, averaged over the questions."""
-
-
-def model_card(folder: str, results: dict[str, float] | None = None) -> dict[str, Any]:
-    """`write_model_card` arguments (a new dict each time: `create_model_card` extends the tag list in place)."""
-    return {
-        "description": USAGE.format(folder=Path(folder).name),
-        "results": results,
-        "tags": ["beit3", "visual-question-answering", "beit3-hf"],
-        "tasks": "visual-question-answering",
-        "license": "mit",
-    }
-
-
-@dataclass
-class VqaModelArguments(ModelArguments):
-    """The shared model options, and what to do with a checkpoint's classifier made for another answer list."""
-
-    ignore_mismatched_sizes: bool = field(
-        default=True, metadata={"help": "Re-initialise a checkpoint's classifier made for another answer list."}
-    )
 
 
 @dataclass
@@ -215,7 +192,7 @@ def choose_answers(
     return answers
 
 
-def build_model(model_args: VqaModelArguments, answers: list[str]) -> torch.nn.Module:
+def build_model(model_args: ModelArguments, answers: list[str]) -> torch.nn.Module:
     """The VQA model for `answers`: pretrained (a backbone gets a new classifier) or new from a config."""
     config = model_args.load_config()
     config.id2label = dict(enumerate(answers))
@@ -231,7 +208,7 @@ def build_model(model_args: VqaModelArguments, answers: list[str]) -> torch.nn.M
     )
 
 
-def source_config(model_args: VqaModelArguments) -> Any:
+def source_config(model_args: ModelArguments) -> Any:
     """The configuration the run starts from (checkpoint or preset), to read a fine-tuned answer list."""
     source = model_args.model_name_or_path or model_args.config_name
     if source is None:
@@ -358,25 +335,12 @@ def image_datasets(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Run the script with command-line arguments `argv` (default: `sys.argv[1:]`); returns all the metrics."""
-    model_args, data_args, training_args = parse_script_args(
-        (VqaModelArguments, DataArguments, VqaTrainingArguments), argv
+    model_args, data_args, training_args, checkpoint = start_run(
+        (ModelArguments, DataArguments, VqaTrainingArguments), argv, logger
     )
-    setup_logging(training_args, logger)
-    check_distributed_launch(training_args)
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
-        logger.warning("None of --do_train, --do_eval, --do_predict was given: nothing to do.")
-    checkpoint = resolve_checkpoint(training_args) if training_args.do_train else None
-    set_seed(training_args.seed)
-    if training_args.ddp_find_unused_parameters is None:
-        # Some parameters get no gradient in a VQA step (the vision mask token); non-reentrant checkpointing allows it.
-        training_args.ddp_find_unused_parameters = True
 
     # Data first: malformed files and missing (with --check_images, undecodable) images stop the run here.
-    needs_eval = (
-        training_args.do_eval
-        or training_args.eval_before_training
-        or (training_args.do_train and training_args.eval_strategy != "no")
-    )
+    needs_eval = training_args.needs_eval_data
     train_q, eval_q, test_q = load_questions(
         data_args, training_args.do_train, needs_eval, training_args.do_predict, training_args.seed
     )
@@ -451,7 +415,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         trainer,
         training_args,
         checkpoint=checkpoint,
-        model_card=lambda results: model_card(training_args.output_dir, results),
+        usage=USAGE,
+        card={"tags": ["beit3", "visual-question-answering", "beit3-hf"], "tasks": "visual-question-answering"},
         evaluate=evaluate,
         predict=predict,
         train_metrics={"num_answers": len(answers), "train_questions_without_target": train_dropped},

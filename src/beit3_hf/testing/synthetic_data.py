@@ -57,6 +57,7 @@ __all__ = [
     "nlvr2_statement",
     "parse_caption",
     "render_scene",
+    "train_text_tokenizer",
     "vqa_questions_for_scene",
     "write_synthetic_dataset",
     "write_synthetic_nlvr2",
@@ -941,9 +942,6 @@ class SyntheticNlvr2Paths:
         return self.json_dir / f"{split}.json"
 
 
-_NLVR2_KINDS = tuple(os.environ.get("NLVR2_KINDS", "colour,shape,count").split(","))
-
-
 def nlvr2_statement(left: Sequence[SceneObject], right: Sequence[SceneObject], label: bool, rng: random.Random) -> str:
     """A statement about the colours, shapes or number of shapes of one image of a pair, true iff ``label``.
 
@@ -960,7 +958,7 @@ def nlvr2_statement(left: Sequence[SceneObject], right: Sequence[SceneObject], l
     """
     side = rng.choice(("left", "right"))
     this, other = (left, right) if side == "left" else (right, left)
-    kind = rng.choice(_NLVR2_KINDS)
+    kind = rng.choice(("colour", "shape", "count"))
     if kind == "count":
         n = len(this) if label else rng.choice([k for k in (1, 2) if k != len(this)] or [1])
         return f"the {side} image has {n} shape{'s' if n > 1 else ''}"
@@ -1043,6 +1041,38 @@ def write_synthetic_nlvr2(
     return SyntheticNlvr2Paths(data_dir=root, json_dir=root / "nlvr2" / "data", manifest=root / MANIFEST_NAME)
 
 
+def train_text_tokenizer(texts: Sequence[str], path: str | os.PathLike[str], vocab_size: int = 120) -> Path:
+    """Train a BPE sentencepiece model (the kind of model ``beit3.spm`` is) on ``texts`` and write it to ``path``,
+    for ``--sentencepiece_model`` of the example scripts trained from scratch on the synthetic data. Needs the
+    ``sentencepiece`` package (the ``train`` extra)."""
+    import sentencepiece
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    corpus = path.with_suffix(".txt")
+    corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(path.with_suffix("")), model_type="bpe", vocab_size=vocab_size,
+        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
+    )  # fmt: skip
+    corpus.unlink()
+    path.with_suffix(".vocab").unlink()
+    path.with_suffix(".model").replace(path)
+    return path
+
+
+def _written_texts(task: str, output: Path) -> list[str]:
+    """The captions / questions / statements of a dataset written by :func:`main`."""
+    if task == "vqa":
+        files = sorted((output / "vqa").glob("*_questions.json"))
+        return [q["question"] for f in files for q in json.loads(f.read_text(encoding="utf-8"))["questions"]]
+    if task == "nlvr2":
+        files = sorted((output / "nlvr2" / "data").glob("*.json"))
+        return [json.loads(line)["sentence"] for f in files for line in f.read_text(encoding="utf-8").splitlines()]
+    images = json.loads((output / KARPATHY_NAME).read_text(encoding="utf-8"))["images"]
+    return [sentence["raw"] for image in images for sentence in image["sentences"]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: ``python -m beit3_hf.testing.synthetic_data --output DIR [options]``.
 
@@ -1075,9 +1105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--classification-val-per-class", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="re-render even if the folder is up to date")
+    parser.add_argument(
+        "--spm-vocab-size", type=int, default=0,
+        help="also train a sentencepiece model of this size on the written texts: OUTPUT/text.spm",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    options = {k: v for k, v in vars(args).items() if k not in ("output", "quiet", "task")}
+    options = {k: v for k, v in vars(args).items() if k not in ("output", "quiet", "task", "spm_vocab_size")}
     common = {k: options[k] for k in ("image_size", "max_objects", "num_colours", "num_shapes", "seed", "force")}
     try:
         if args.task == "vqa":
@@ -1094,6 +1128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = {k: str(v) for k, v in asdict(nlvr2).items()}
         else:
             paths = write_synthetic_dataset(args.output, **options)
+        if args.spm_vocab_size:
+            train_text_tokenizer(_written_texts(args.task, Path(args.output)), Path(args.output) / "text.spm",
+                                 args.spm_vocab_size)  # fmt: skip
     except (ValueError, OSError) as err:
         parser.exit(2, f"error: {err}\n")
     if args.task != "retrieval":

@@ -7,8 +7,8 @@
   and refuse checkpoints without optimizer / scheduler state unless asked.
 - Images: `beit3_hf.data.loaders` decodes them (`open_image`, `check_images`, `ImageRowDecoder`) with errors that
   name the file; `Beit3Trainer` writes the report of the training images it had to skip.
-- `load_config`, `parse_script_args`, `setup_logging`, `check_distributed_launch`, `save_final_model`, `run_stages`:
-  the scripts' common set-up, the stages (evaluate before training, train, evaluate, predict) with their metrics
+- `start_run` (`parse_script_args`, `setup_logging`, `check_distributed_launch`, `resolve_checkpoint`, seeding),
+  `load_config`, `save_final_model`, `run_stages`: the scripts' common set-up, the stages (evaluate before training, train, evaluate, predict) with their metrics
   files, and the save that happens before any evaluation.
 - The vision-language scripts (retrieval, VQA, NLVR2, captioning) share their model options (`ModelArguments`:
   `--model_name_or_path`, `--config_name` + `--config_overrides`, `--sentencepiece_model` or
@@ -56,6 +56,7 @@ __all__ = [
     "save_final_model",
     "set_special_token_ids",
     "setup_logging",
+    "start_run",
     "tokenizer_special_ids",
     "train_image_transform",
     "write_json",
@@ -183,6 +184,28 @@ def check_distributed_launch(training_args: TrainingArguments) -> None:
             "machine without GPUs pass --use_cpu, e.g. `accelerate launch --multi_gpu --num_processes 2 "
             "script.py ... --use_cpu` (gloo)."
         )
+
+
+def start_run(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None, script_logger: logging.Logger
+) -> tuple[Any, ...]:
+    """The start every script shares: parse `argv` into `dataclass_types` (training arguments last), set up logging,
+    refuse processes that do not form a distributed group, find the checkpoint to resume from (before anything else:
+    an output folder this run would clobber is refused here), seed, and let DDP find parameters without a gradient
+    (some get none in a step, e.g. the vision mask token; non-reentrant gradient checkpointing allows it).
+
+    Returns the parsed dataclasses followed by the checkpoint (None: start from scratch).
+    """
+    *parsed, training_args = parse_script_args(dataclass_types, argv)
+    setup_logging(training_args, script_logger)
+    check_distributed_launch(training_args)
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        script_logger.warning("None of --do_train, --do_eval, --do_predict was given: nothing to do.")
+    checkpoint = resolve_checkpoint(training_args) if training_args.do_train else None
+    transformers.set_seed(training_args.seed)
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = True
+    return (*parsed, training_args, checkpoint)
 
 
 def load_config(name_or_path: str, overrides: str | None = None, **from_pretrained_kwargs: Any) -> PretrainedConfig:
@@ -356,7 +379,8 @@ def run_stages(
     training_args: ScriptTrainingArguments,
     *,
     checkpoint: str | None,
-    model_card: Callable[[dict[str, float] | None], dict[str, Any]],
+    usage: str,
+    card: dict[str, Any],
     evaluate: Callable[[str], dict[str, float]] | None = None,
     predict: Callable[[], dict[str, float]] | None = None,
     train_metrics: dict[str, float] | None = None,
@@ -365,15 +389,22 @@ def run_stages(
     transformers' examples do (`log_metrics` / `save_metrics`: `<split>_results.json` and `all_results.json`):
 
     1. `--eval_before_training`: `evaluate("before")`;
-    2. `--do_train`: train (from `checkpoint`), then save the model, its processor and a model card
-       (`model_card(None)`) before any evaluation, so that a failing evaluation never costs them; the train metrics
+    2. `--do_train`: train (from `checkpoint`), then save the model, its processor and a model card (`usage`, with
+       `{folder}` the folder's name, as its description; `card`: `tags`, `tasks`, ... of `write_model_card`) before
+       any evaluation, so that a failing evaluation never costs them; the train metrics
        get `train_samples`, `train_skipped_images` and `train_metrics`;
     3. `--do_eval`: `evaluate("eval")`; 4. `--do_predict`: `predict()`;
-    5. after training and an evaluation, the model card again, with the results (`model_card(results)`).
+    5. after training and an evaluation, the model card again, with the results.
 
     Returns every metric.
     """
     results: dict[str, float] = {}
+
+    def model_card(results: dict[str, float] | None) -> dict[str, Any]:
+        # A new dict (and tag list) each time: `create_model_card` extends the tag list in place.
+        extra = {key: list(value) if isinstance(value, list) else value for key, value in card.items()}
+        description = usage.format(folder=Path(training_args.output_dir).name)
+        return {"description": description, "results": results, "license": "mit", **extra}
 
     def report(split: str, metrics: dict[str, float]) -> None:
         trainer.log_metrics(split, metrics)
@@ -446,6 +477,13 @@ class ModelArguments:
         },
     )
     drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth of the last layer."})
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={
+            "help": "Re-initialise checkpoint weights whose shape differs (e.g. a VQA classifier made for another "
+            "answer list) instead of stopping."
+        },
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model folder / repo."})
 
     def __post_init__(self) -> None:
@@ -490,6 +528,11 @@ class ImageTextTrainingArguments(ScriptTrainingArguments):
     eval_before_training: bool = field(
         default=False, metadata={"help": "Evaluate once before training (metrics before_*, before_results.json)."}
     )
+
+    @property
+    def needs_eval_data(self) -> bool:
+        """Whether the run evaluates: `--do_eval`, `--eval_before_training`, or during training."""
+        return self.do_eval or self.eval_before_training or (self.do_train and self.eval_strategy != "no")
 
 
 def tokenizer_special_ids(tokenizer: Any, *, need_mask: bool = False, source: str = "the tokenizer") -> dict[str, int]:

@@ -45,12 +45,12 @@ from beit3_hf.data.captioning import (
 from beit3_hf.data.loaders import (
     ImageRowDecoder,
     check_images,
-    gather_skipped,
     open_image,
     transform_with_skipping,
 )
 from beit3_hf.evaluation.captioning import caption_metrics, captioning_loss
 from beit3_hf.training.scripts import (
+    ImageTextCollator,
     ImageTextDataArguments,
     ImageTextTrainingArguments,
     ModelArguments,
@@ -193,21 +193,22 @@ def image_rows(records: Sequence[CaptionRecord]) -> Any:
     return datasets.Dataset.from_dict({"image": [r.image_path for r in records], "index": list(range(len(records)))})
 
 
-class MaskedCaptionCollator:
+class MaskedCaptionCollator(ImageTextCollator):
     """Tokenises the captions of a batch and masks them as the original `CaptioningDataset` does: `input_ids` with
     the masked tokens, `labels` with the original token at each masked position and -100 elsewhere.
 
     The draws come from Python's `random` module, as the original's; `PerProcessSeed` seeds it per process."""
 
+    text_key = "caption"
+
     def __init__(self, processor: Any, mask_prob: float, mask_token_id: int) -> None:
-        self.processor = processor
+        super().__init__(processor)
         self.mask_prob = mask_prob
         self.mask_token_id = mask_token_id
         self.vocab_size = len(processor.tokenizer)
 
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        text = self.processor(text=[item["caption"] for item in items], return_tensors="pt")
-        input_ids, attention_mask = text["input_ids"], text["attention_mask"]
+    def add_targets(self, batch: dict[str, Any], items: Sequence[dict[str, Any]]) -> None:
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         masked = input_ids.clone()
         labels = torch.full_like(input_ids, -100)
         for row, length in enumerate(attention_mask.sum(dim=1).tolist()):
@@ -217,15 +218,7 @@ class MaskedCaptionCollator:
             positions = torch.tensor(positions, dtype=torch.bool)
             masked[row] = torch.tensor(ids)
             labels[row, positions] = input_ids[row, positions]
-        batch: dict[str, Any] = {
-            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
-            "input_ids": masked,
-            "attention_mask": attention_mask,
-            "labels": labels,
-        }
-        if "skipped_images" in items[0]:
-            batch["skipped_images"] = gather_skipped(items)
-        return batch
+        batch["input_ids"], batch["labels"] = masked, labels
 
 
 class PerProcessSeed(TrainerCallback):

@@ -34,7 +34,7 @@ import torch
 from transformers import EvalPrediction
 
 from beit3_hf import Beit3ForVisualReasoning
-from beit3_hf.data.loaders import check_images, gather_skipped, open_image, transform_with_skipping
+from beit3_hf.data.loaders import check_images, open_image, transform_with_skipping
 from beit3_hf.data.nlvr2 import (
     DEFAULT_IMAGE_DIRS,
     Nlvr2Example,
@@ -44,6 +44,7 @@ from beit3_hf.data.nlvr2 import (
     nlvr2_dataset,
 )
 from beit3_hf.training.scripts import (
+    ImageTextCollator,
     ImageTextDataArguments,
     ImageTextTrainingArguments,
     ModelArguments,
@@ -163,24 +164,14 @@ def pair_dataset(
     return rows.with_transform(evaluate)
 
 
-class PairCollator:
+class PairCollator(ImageTextCollator):
     """Stacks the image pairs (batch, 2, 3, H, W), tokenises the statements, adds the labels when known."""
 
-    def __init__(self, processor: Any) -> None:
-        self.processor = processor
+    text_key = "sentence"
 
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        text = self.processor(text=[item["sentence"] for item in items], return_tensors="pt")
-        batch: dict[str, Any] = {
-            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
-            "input_ids": text["input_ids"],
-            "attention_mask": text["attention_mask"],
-        }
+    def add_targets(self, batch: dict[str, Any], items: Sequence[dict[str, Any]]) -> None:
         if all(item["label"] >= 0 for item in items):
             batch["labels"] = torch.tensor([item["label"] for item in items], dtype=torch.long)
-        if "skipped_images" in items[0]:
-            batch["skipped_images"] = gather_skipped(items)
-        return batch
 
 
 def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:

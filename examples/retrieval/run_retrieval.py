@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from transformers import AutoModel
 from transformers.trainer_utils import PredictionOutput, speed_metrics
 
@@ -40,7 +39,6 @@ from beit3_hf.data.loaders import (
     RetrievalEvalIndex,
     RetrievalRecord,
     check_images,
-    gather_skipped,
     load_caption_jsonl,
     load_karpathy_split,
     retrieval_pair_dataset,
@@ -48,6 +46,7 @@ from beit3_hf.data.loaders import (
 )
 from beit3_hf.evaluation.retrieval import evaluate_retrieval
 from beit3_hf.training.scripts import (
+    ImageTextCollator,
     ImageTextDataArguments,
     ImageTextTrainingArguments,
     ModelArguments,
@@ -152,24 +151,14 @@ def training_pairs(records: list[RetrievalRecord], image_transform: Any, skip_ba
     return pairs.with_transform(transform_with_skipping(decoder, build))
 
 
-class PairCollator:
+class PairCollator(ImageTextCollator):
     """Stacks training pairs: transformed images, tokenised captions, `return_loss=True`, and the records of the
     images that were skipped (taken out again by `Beit3Trainer`)."""
 
-    def __init__(self, processor: Any) -> None:
-        self.processor = processor
+    text_key = "caption"
 
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        text = self.processor(text=[item["caption"] for item in items], return_tensors="pt")
-        batch = {
-            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
-            "input_ids": text["input_ids"],
-            "attention_mask": text["attention_mask"],
-            "return_loss": True,
-        }
-        if "skipped_images" in items[0]:
-            batch["skipped_images"] = gather_skipped(items)
-        return batch
+    def add_targets(self, batch: dict[str, Any], items: Sequence[dict[str, Any]]) -> None:
+        batch["return_loss"] = True
 
 
 class RetrievalTrainer(Beit3Trainer):

@@ -35,7 +35,7 @@ import torch
 from transformers import AutoModelForVisualQuestionAnswering, EvalPrediction
 
 import beit3_hf  # noqa: F401  (registers the BEiT-3 classes with the Auto classes in this process)
-from beit3_hf.data.loaders import ImageRowDecoder, check_images, gather_skipped, open_image, transform_with_skipping
+from beit3_hf.data.loaders import ImageRowDecoder, check_images, open_image, transform_with_skipping
 from beit3_hf.data.vqa import (
     VqaQuestion,
     answer_vocabulary,
@@ -48,6 +48,7 @@ from beit3_hf.data.vqa import (
 )
 from beit3_hf.evaluation.vqa import target_score_of_prediction
 from beit3_hf.training.scripts import (
+    ImageTextCollator,
     ImageTextDataArguments,
     ImageTextTrainingArguments,
     ModelArguments,
@@ -216,28 +217,21 @@ def source_config(model_args: ModelArguments) -> Any:
     return load_config(source, None, trust_remote_code=model_args.trust_remote_code)
 
 
-class VqaCollator:
+class VqaCollator(ImageTextCollator):
     """Tokenises the questions and builds the dense soft targets (batch, num_answers) from `labels` / `scores`."""
 
+    text_key = "question"
+
     def __init__(self, processor: Any, num_answers: int) -> None:
-        self.processor = processor
+        super().__init__(processor)
         self.num_answers = num_answers
 
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        text = self.processor(text=[item["question"] for item in items], return_tensors="pt")
-        batch: dict[str, Any] = {
-            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
-            "input_ids": text["input_ids"],
-            "attention_mask": text["attention_mask"],
-        }
+    def add_targets(self, batch: dict[str, Any], items: Sequence[dict[str, Any]]) -> None:
         if any(item["labels"] for item in items):
             targets = torch.zeros(len(items), self.num_answers)
             for row, item in enumerate(items):
                 targets[row, list(item["labels"])] = torch.tensor(list(item["scores"]), dtype=torch.float)
             batch["labels"] = targets
-        if "skipped_images" in items[0]:
-            batch["skipped_images"] = gather_skipped(items)
-        return batch
 
 
 class VqaTrainer(Beit3Trainer):

@@ -40,6 +40,7 @@ from ..models.beit3.configuration_beit3 import BEIT3_PRESETS, Beit3Config
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ImageTextCollator",
     "ImageTextDataArguments",
     "ImageTextTrainingArguments",
     "ModelArguments",
@@ -533,6 +534,36 @@ class ImageTextTrainingArguments(ScriptTrainingArguments):
     def needs_eval_data(self) -> bool:
         """Whether the run evaluates: `--do_eval`, `--eval_before_training`, or during training."""
         return self.do_eval or self.eval_before_training or (self.do_train and self.eval_strategy != "no")
+
+
+class ImageTextCollator:
+    """Batches items of `{"pixel_values": tensor, text_key: str, ...}`: the stacked pixels, the tokenised texts
+    (`input_ids`, `attention_mask`) and, when the training transform skipped undecodable images, their records
+    (`skipped_images`, taken out again by `Beit3Trainer`). Subclasses add their targets in `add_targets`."""
+
+    text_key = "text"
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        from ..data.loaders import gather_skipped
+
+        text = self.processor(text=[item[self.text_key] for item in items], return_tensors="pt")
+        batch: dict[str, Any] = {
+            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+        }
+        self.add_targets(batch, items)
+        if "skipped_images" in items[0]:
+            batch["skipped_images"] = gather_skipped(items)
+        return batch
+
+    def add_targets(self, batch: dict[str, Any], items: Sequence[dict[str, Any]]) -> None:
+        """Add the training targets of `items` to `batch` (in place); none by default."""
 
 
 def tokenizer_special_ids(tokenizer: Any, *, need_mask: bool = False, source: str = "the tokenizer") -> dict[str, int]:

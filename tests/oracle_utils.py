@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import socket
@@ -237,3 +238,12 @@ def run_example(script: Path, args: list[str], tmp_path: Path, processes: int = 
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def fresh_json(code: str, tmp_path: Path, folder: Path, payload) -> dict:
+    """Run `code` in a fresh process (`run_fresh_python`, `beit3_hf` hidden) with `sys.argv[1:] == [folder,
+    payload.json]` (`payload` written as JSON), and return the JSON object of its last line of output."""
+    payload_file = tmp_path / "payload.json"
+    payload_file.write_text(json.dumps(payload))
+    result = run_fresh_python(code, tmp_path, args=(str(folder), str(payload_file)))
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -21,9 +21,9 @@ from beit3_hf.testing.synthetic_data import write_synthetic_dataset
 
 from oracle_utils import (
     chinese_wordpiece_tokenizer,
+    fresh_json,
     load_example_script,
     run_example,
-    run_fresh_python,
     train_sentencepiece,
 )
 
@@ -123,13 +123,7 @@ def test_reloads_in_a_fresh_process_with_the_same_captions_and_cider(trained, da
     paths, _ = data
     output, results = trained
     records = load_karpathy_captions(paths.karpathy_json, paths.image_root, "val")
-    images_file = tmp_path / "images.json"
-    images_file.write_text(json.dumps([r.image_path for r in records]))
-    fresh = json.loads(
-        run_fresh_python(FRESH_CAPTIONS, tmp_path, args=(str(output), str(images_file)))
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    fresh = fresh_json(FRESH_CAPTIONS, tmp_path, output, [r.image_path for r in records])
     assert fresh["class"] == "Beit3ForCaptioning"
     assert fresh["captions"] == [c["caption"] for c in json.loads((output / "captions_eval.json").read_text())]
     references = {r.image_id: list(r.captions) for r in records}

@@ -16,7 +16,7 @@ import torch
 from beit3_hf.data.nlvr2 import PairRowDecoder, load_nlvr2, nlvr2_accuracy, nlvr2_dataset
 from beit3_hf.testing.synthetic_data import write_synthetic_nlvr2
 
-from oracle_utils import load_example_script, run_example, run_fresh_python, train_sentencepiece
+from oracle_utils import fresh_json, load_example_script, run_example, train_sentencepiece
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "nlvr2" / "run_nlvr2.py"
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,image_size=32,patch_size=16,max_position_embeddings=24"
@@ -129,10 +129,7 @@ def fresh_accuracy(folder: Path, paths, tmp_path: Path) -> dict:
         {"left": e.left_image, "right": e.right_image, "sentence": e.sentence, "label": e.label}
         for e in load_nlvr2(paths.statements("dev"), paths.data_dir / "dev")
     ]
-    examples_file = tmp_path / "examples.json"
-    examples_file.write_text(json.dumps(examples))
-    result = run_fresh_python(FRESH_ACCURACY, tmp_path, args=(str(folder), str(examples_file)))
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return fresh_json(FRESH_ACCURACY, tmp_path, folder, examples)
 
 
 def test_train_evaluate_predict_and_reload_in_a_fresh_process(script, data, tmp_path):

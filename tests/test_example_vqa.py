@@ -16,7 +16,7 @@ from beit3_hf.data.vqa import load_vqa_split, vqa_split_files, with_targets
 from beit3_hf.testing.synthetic_data import write_synthetic_vqa
 from beit3_hf.training.scripts import ModelArguments, load_processor, parse_script_args
 
-from oracle_utils import load_example_script, run_example, run_fresh_python, train_sentencepiece
+from oracle_utils import fresh_json, load_example_script, run_example, train_sentencepiece
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "vqa" / "run_vqa.py"
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,image_size=32,patch_size=16,max_position_embeddings=24"
@@ -93,10 +93,7 @@ def fresh_vqa_accuracy(folder: Path, paths, tmp_path: Path) -> dict:
         }
         for q in eval_questions(paths, answers)
     ]
-    questions_file = tmp_path / "questions.json"
-    questions_file.write_text(json.dumps(questions))
-    result = run_fresh_python(FRESH_VQA_SCORE, tmp_path, args=(str(folder), str(questions_file)))
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return fresh_json(FRESH_VQA_SCORE, tmp_path, folder, questions)
 
 
 def test_train_evaluate_predict_and_reload_in_a_fresh_process(script, data, tmp_path):

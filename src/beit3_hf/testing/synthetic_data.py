@@ -768,6 +768,25 @@ def _write_owned_folder(root: Path, config: dict, make_files: Callable[[], dict[
     _write_if_changed(manifest_path, _json_bytes({"complete": True, "config": config, "files": listing}))
 
 
+def _task_config(
+    task: str,
+    counts: dict[str, int],
+    image_size: int,
+    max_objects: int,
+    num_colours: int,
+    num_shapes: int,
+    seed: int,
+    **extra: int,
+) -> tuple[dict, list[str], list[str]]:
+    """Check the options of a VQA / NLVR2 writer; return its manifest configuration and the colours and shapes."""
+    _check_options(num_colours, num_shapes, max_objects, 1, image_size)
+    if min(counts.values()) < 1:
+        raise ValueError(f"the synthetic {task} dataset needs at least one image (pair) per split, got {counts}")
+    config = {"generator_version": GENERATOR_VERSION, "task": task, **counts, **extra, "image_size": image_size,
+              "max_objects": max_objects, "num_colours": num_colours, "num_shapes": num_shapes, "seed": seed}  # fmt: skip
+    return config, list(COLOURS)[:num_colours], list(SHAPES)[:num_shapes]
+
+
 def _scenes(rng: random.Random, count: int, colours: Sequence[str], shapes: Sequence[str], max_objects: int) -> list:
     return [
         tuple(sorted(_random_scene(rng, colours, shapes, max_objects), key=lambda o: POSITIONS.index(o.position)))
@@ -876,15 +895,13 @@ def write_synthetic_vqa(
         >>> sorted(f.name for f in p.annotation_dir.iterdir())[0]
         'v2_OpenEnded_mscoco_test-dev2015_questions.json'
     """
-    _check_options(num_colours, num_shapes, max_objects, 1, image_size)
+    if questions_per_image < 1:
+        raise ValueError("write_synthetic_vqa needs at least one question per image")
     counts = {"train2014": num_train_images, "val2014": num_val_images, "test-dev2015": num_test_images}
-    if min(counts.values()) < 1 or questions_per_image < 1:
-        raise ValueError("write_synthetic_vqa needs at least one image per split and one question per image")
+    config, colours, shapes = _task_config(
+        "vqa", counts, image_size, max_objects, num_colours, num_shapes, seed, questions_per_image=questions_per_image
+    )
     root = Path(root)
-    config = {"generator_version": GENERATOR_VERSION, "task": "vqa", **counts, "questions_per_image": questions_per_image,
-              "image_size": image_size, "max_objects": max_objects, "num_colours": num_colours,
-              "num_shapes": num_shapes, "seed": seed}  # fmt: skip
-    colours, shapes = list(COLOURS)[:num_colours], list(SHAPES)[:num_shapes]
 
     def make_files() -> dict[str, bytes]:
         files: dict[str, bytes] = {}
@@ -1007,14 +1024,9 @@ def write_synthetic_nlvr2(
         >>> [json.loads(line)["label"] for line in p.statements("dev").read_text().splitlines()]
         ['True', 'False']
     """
-    _check_options(num_colours, num_shapes, max_objects, 1, image_size)
     counts = {"train": num_train_pairs, "dev": num_dev_pairs, "test1": num_test_pairs}
-    if min(counts.values()) < 1:
-        raise ValueError("write_synthetic_nlvr2 needs at least one pair per split")
+    config, colours, shapes = _task_config("nlvr2", counts, image_size, max_objects, num_colours, num_shapes, seed)
     root = Path(root)
-    config = {"generator_version": GENERATOR_VERSION, "task": "nlvr2", **counts, "image_size": image_size,
-              "max_objects": max_objects, "num_colours": num_colours, "num_shapes": num_shapes, "seed": seed}  # fmt: skip
-    colours, shapes = list(COLOURS)[:num_colours], list(SHAPES)[:num_shapes]
 
     def make_files() -> dict[str, bytes]:
         files: dict[str, bytes] = {}

@@ -137,9 +137,10 @@ def test_train_evaluate_predict_and_reload_in_a_fresh_process(script, data, tmp_
     output = tmp_path / "out"
     results = script.main(
         script_args(paths, spm, output, "--do_train", "--do_eval", "--do_predict", "--max_steps", "3",
-                    "--per_device_train_batch_size", "4", "--layer_decay", "0.65")
+                    "--per_device_train_batch_size", "4", "--layer_decay", "0.65", "--eval_before_training", "True")
     )  # fmt: skip
-    assert results["eval_samples"] == 6 and results["test_samples"] == 4
+    assert results["eval_samples"] == 6 and results["test_samples"] == 4 and results["before_samples"] == 6
+    assert 0.0 <= results["before_accuracy"] <= 1.0 and (output / "before_results.json").is_file()
     assert 0.0 <= results["eval_accuracy"] <= 1.0 and 0.0 <= results["test_accuracy"] <= 1.0
     with (output / "predictions_test1.csv").open() as f:
         rows = list(csv.reader(f))

@@ -101,8 +101,9 @@ def test_train_evaluate_predict_and_reload_in_a_fresh_process(script, data, tmp_
     output = tmp_path / "out"
     results = script.main(
         script_args(paths, spm, output, "--do_train", "--do_eval", "--do_predict", "--max_steps", "3",
-                    "--per_device_train_batch_size", "6", "--task_head_lr_weight", "20")
+                    "--per_device_train_batch_size", "6", "--task_head_lr_weight", "20", "--eval_before_training", "True")
     )  # fmt: skip
+    assert 0.0 <= results["before_vqa_accuracy"] <= 1.0 and (output / "before_results.json").is_file()
     assert 0.0 <= results["eval_vqa_accuracy"] <= 1.0 and results["train_skipped_images"] == 0
     assert results["eval_samples"] == 12 and results["test_samples"] == 9 and results["num_answers"] >= 9
     for name in ("train_results.json", "eval_results.json", "test_results.json", "all_results.json", "README.md"):

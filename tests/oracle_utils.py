@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import socket
@@ -210,3 +211,39 @@ def original_checkpoint(tensors: dict[str, torch.Tensor], path: Path, overrides:
     weights.update(overrides or {})
     torch.save({"model": weights}, path)
     return path
+
+
+def chinese_wordpiece_tokenizer(folder: Path, texts: list[str], vocab_size: int = 200):
+    """A Chinese BERT-style WordPiece tokenizer ([CLS] / [SEP] / [MASK], no <s> / </s>) trained on `texts` here with
+    the `tokenizers` library (no download) and saved with `save_pretrained` to `folder`; returns it."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizer
+
+    trainer = BertWordPieceTokenizer(handle_chinese_chars=True, lowercase=True)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=special)
+    vocab = folder.parent / f"{folder.name}_vocab"
+    vocab.mkdir(parents=True, exist_ok=True)
+    trainer.save_model(str(vocab))
+    tokenizer = BertTokenizer.from_pretrained(vocab)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def run_example(script: Path, args: list[str], tmp_path: Path, processes: int = 1, timeout: int = 900):
+    """Run an example script in a fresh process (`processes` > 1: `accelerate launch` on gloo), offline, with one
+    thread per process; assert it succeeds and return the `CompletedProcess`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(script), *args] if processes == 1 else accelerate_launch(script, args, processes)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def fresh_json(code: str, tmp_path: Path, folder: Path, payload) -> dict:
+    """Run `code` in a fresh process (`run_fresh_python`, `beit3_hf` hidden) with `sys.argv[1:] == [folder,
+    payload.json]` (`payload` written as JSON), and return the JSON object of its last line of output."""
+    payload_file = tmp_path / "payload.json"
+    payload_file.write_text(json.dumps(payload))
+    result = run_fresh_python(code, tmp_path, args=(str(folder), str(payload_file)))
+    return json.loads(result.stdout.strip().splitlines()[-1])

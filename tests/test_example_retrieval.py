@@ -15,11 +15,17 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
+from beit3_hf import Beit3Config, Beit3ForImageTextRetrieval
 from beit3_hf.data import RetrievalEvalIndex, UndecodableImageError, load_karpathy_split
 from beit3_hf.evaluation.retrieval import retrieval_recall
 from beit3_hf.testing.synthetic_data import write_synthetic_dataset
 
-from oracle_utils import accelerate_launch, load_example_script, train_sentencepiece
+from oracle_utils import (
+    chinese_wordpiece_tokenizer,
+    load_example_script,
+    run_example,
+    train_sentencepiece,
+)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "retrieval" / "run_retrieval.py"
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,image_size=32,patch_size=16,max_position_embeddings=24"
@@ -150,11 +156,7 @@ def test_early_stopping_callback_stops_the_run(script, data, tmp_path):
 
 
 def run_script(args: list[str], tmp_path: Path, processes: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(SCRIPT), *args] if processes == 1 else accelerate_launch(SCRIPT, args, processes)
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+    return run_example(SCRIPT, args, tmp_path, processes)
 
 
 def train_loss(output: Path) -> float:
@@ -163,16 +165,18 @@ def train_loss(output: Path) -> float:
 
 def test_two_process_global_batch_loss_equals_one_process(data, tmp_path):
     """Two processes with 4 pairs each contrast against the gathered 8: the logged loss of the first step equals
-    one process holding the same 8 pairs."""
+    one process holding the same 8 pairs. The two processes checkpoint their activations (DDP with gradient
+    checkpointing, where the original fails with "Expected to mark a variable ready only once")."""
     paths, spm = data
     one, two, local = tmp_path / "one", tmp_path / "two", tmp_path / "local"
     run_script(script_args(paths, spm, one, "--do_train", "--per_device_train_batch_size", "8", "--max_steps", "1"),
                tmp_path, 1)  # fmt: skip
     result = run_script(
-        script_args(paths, spm, two, "--do_train", "--per_device_train_batch_size", "4", "--max_steps", "1"),
+        script_args(paths, spm, two, "--do_train", "--per_device_train_batch_size", "4", "--max_steps", "1",
+                    "--gradient_checkpointing", "True"),
         tmp_path,
         2,
-    )
+    )  # fmt: skip
     assert "world size: 2" in result.stderr + result.stdout
     assert train_loss(two) == pytest.approx(train_loss(one), abs=1e-5)
     # Without the global batch each process would contrast 4 pairs only: a different (smaller) loss.
@@ -263,3 +267,66 @@ def test_undecodable_training_image_is_skipped_and_reported(script, data, tmp_pa
             script_args(paths, spm, tmp_path / "strict", *common, "--skip_undecodable_images", "False",
                         karpathy_json=karpathy_json, image_root=image_root)
         )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Any tokenizer: a Chinese BERT-style WordPiece one ([CLS] / [SEP], no <s> / </s>), larger than the model's vocabulary
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chinese(tmp_path_factory):
+    """Chinese synthetic captions, a WordPiece tokenizer trained on them here, and an English model folder."""
+    root = tmp_path_factory.mktemp("chinese")
+    paths = write_synthetic_dataset(
+        root / "data", num_train=16, num_val=6, num_test=3, image_size=32, captions_per_image=2, language="zh",
+        classification_train_per_class=0, classification_val_per_class=0,
+    )  # fmt: skip
+    captions = [
+        s["raw"] for image in json.loads(paths.karpathy_json.read_text())["images"] for s in image["sentences"]
+    ]
+    assert all("\u4e00" <= caption[0] <= "\u9fff" for caption in captions)
+    tokenizer = chinese_wordpiece_tokenizer(root / "tokenizer", captions, vocab_size=200)
+    return paths, root / "tokenizer", tokenizer
+
+
+@pytest.mark.parametrize("start", ["scratch", "pretrained"])
+def test_chinese_wordpiece_tokenizer_trains_and_evaluates(script, chinese, tmp_path, start, caplog):
+    """--tokenizer_name_or_path with a tokenizer that has more ids than the model's text embeddings (a model from
+    scratch, or a saved folder, with 20 rows): the embeddings grow to the tokenizer (no index error), [CLS] / [SEP]
+    stand in for <s> / </s> with a notice, and the run trains and evaluates."""
+    paths, tokenizer_dir, tokenizer = chinese
+    assert tokenizer.bos_token_id is None and len(tokenizer) > 20
+    if start == "scratch":
+        model = ("--config_name", "beit3-base-patch16-224", "--config_overrides", TINY + ",vocab_size=20")
+    else:
+        config = Beit3Config.from_preset("beit3-base-patch16-224")
+        config.update_from_string(TINY + ",vocab_size=20")
+        Beit3ForImageTextRetrieval(config).save_pretrained(tmp_path / "english")
+        model = ("--model_name_or_path", str(tmp_path / "english"))
+    output = tmp_path / "out"
+    with caplog.at_level("INFO"):
+        results = script.main(
+            [
+                *model, "--tokenizer_name_or_path", str(tokenizer_dir), "--max_text_length", "24",
+                *("--karpathy_json", str(paths.karpathy_json), "--image_root", str(paths.image_root)),
+                *("--output_dir", str(output), "--report_to", "none", "--save_strategy", "no", "--seed", "3"),
+                *("--do_train", "--do_eval", "--eval_before_training", "True", "--max_steps", "3"),
+                *("--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "4", "--learning_rate", "1e-3"),
+                *("--min_crop_scale", "1.0", "--hflip", "False", "--disable_tqdm", "True"),
+            ]
+        )  # fmt: skip
+    messages = "\n".join(record.getMessage() for record in caplog.records)
+    assert f"The tokenizer has {len(tokenizer)} ids but the model's text embeddings only 20 rows" in messages
+    assert "BEiT-3 uses its [CLS] / [SEP]" in messages
+    for prefix in ("before", "eval"):
+        assert 0.0 <= results[f"{prefix}_tr_r1"] <= 1.0 and 0.0 <= results[f"{prefix}_ir_r1"] <= 1.0
+    assert results["eval_images"] == 6 and results["eval_texts"] == 12 and results["train_samples"] == 32
+    config = json.loads((output / "config.json").read_text())
+    assert config["vocab_size"] == len(tokenizer)
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    saved = AutoModel.from_pretrained(output, trust_remote_code=True)
+    assert saved.get_input_embeddings().num_embeddings == len(tokenizer)
+    processor = AutoProcessor.from_pretrained(output, trust_remote_code=True)
+    ids = processor(text=["左上角有一个红色的圆形"])["input_ids"][0]
+    assert ids[0] == tokenizer.cls_token_id and ids.max() < len(tokenizer) and tokenizer.unk_token_id not in ids

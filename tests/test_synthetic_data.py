@@ -22,9 +22,12 @@ from beit3_hf.testing.synthetic_data import (
     generate_captions,
     generate_synthetic_samples,
     main,
+    nlvr2_statement,
     parse_caption,
     render_scene,
     write_synthetic_dataset,
+    write_synthetic_nlvr2,
+    write_synthetic_vqa,
 )
 
 SMALL = {
@@ -247,3 +250,173 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["--output", str(tmp_path / "cli"), "--num-val", "2000", "--quiet"])
     assert info.value.code == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chinese captions, VQAv2 and NLVR2 layouts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_chinese_captions_describe_the_same_scenes(tmp_path):
+    english = generate_synthetic_samples(num_train=20, num_val=3, num_test=3)
+    chinese = generate_synthetic_samples(num_train=20, num_val=3, num_test=3, language="zh")
+    assert [s.objects for s in chinese] == [s.objects for s in english]
+    colour_zh = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色"}
+    for sample in chinese:
+        assert len(set(sample.captions)) == 5
+        for caption in sample.captions:
+            assert all(colour_zh[o.colour] in caption for o in sample.objects)
+    paths = write_synthetic_dataset(tmp_path / "zh", **SMALL, language="zh")
+    records = load_karpathy_split(paths.karpathy_json, paths.image_root, "test")
+    assert len(records) == 8 and "色" in records[0].captions[0]
+    with pytest.raises(ValueError, match="language must be one of"):
+        generate_captions([SceneObject("red", "circle", "top left")], 1, random.Random(0), "fr")
+
+
+def test_english_manifest_is_unchanged_by_the_language_option(dataset):
+    manifest = json.loads((dataset.root / "synthetic_manifest.json").read_text())
+    assert "language" not in manifest["config"]
+
+
+@pytest.fixture(scope="module")
+def vqa(tmp_path_factory):
+    return write_synthetic_vqa(
+        tmp_path_factory.mktemp("vqa"), num_train_images=30, num_val_images=5, num_test_images=4, image_size=32
+    )
+
+
+def test_vqa_files_have_the_vqav2_format_and_load(vqa):
+    from beit3_hf.data.vqa import answer_vocabulary, load_vqa_split, vqa_split_files, with_targets
+
+    names = sorted(p.name for p in vqa.annotation_dir.iterdir())
+    assert names == [
+        "v2_OpenEnded_mscoco_test-dev2015_questions.json",
+        "v2_OpenEnded_mscoco_train2014_questions.json",
+        "v2_OpenEnded_mscoco_val2014_questions.json",
+        "v2_mscoco_train2014_annotations.json",
+        "v2_mscoco_val2014_annotations.json",
+    ]
+    annotations = json.loads((vqa.annotation_dir / "v2_mscoco_train2014_annotations.json").read_text())
+    entry = annotations["annotations"][0]
+    assert set(entry) == {
+        "question_type", "multiple_choice_answer", "answers", "image_id", "answer_type", "question_id"
+    }  # fmt: skip
+    assert all(len(a["answers"]) == 10 for a in annotations["annotations"])
+    counts = [Counter(x["answer"] for x in a["answers"]) for a in annotations["annotations"]]
+    assert all(c[a["multiple_choice_answer"]] >= 7 for c, a in zip(counts, annotations["annotations"]))
+    assert any(len(c) > 1 for c in counts)  # annotators disagree: soft scores below 1 occur
+    files = vqa_split_files(vqa.data_dir, "train2014")
+    questions = load_vqa_split(files["questions"], files["image_dir"], files["annotations"])
+    assert len(questions) == 30 * 4 and Path(questions[0].image_path).name == "COCO_train2014_000000000001.jpg"
+    answers = answer_vocabulary(questions, min_count=1)
+    kept, _ = with_targets(questions, answers)
+    assert {s for q in kept for s in q.scores} >= {1.0, 0.3}
+    test = vqa_split_files(vqa.data_dir, "test-dev2015")
+    assert test["annotations"] is None and test["image_dir"].name == "test2015"
+    assert len(load_vqa_split(test["questions"], test["image_dir"])) == 16
+
+
+def test_vqa_answers_match_the_pixels(vqa):
+    """The colour answer of a cell is the colour drawn there."""
+    questions = json.loads((vqa.annotation_dir / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+    annotations = json.loads((vqa.annotation_dir / "v2_mscoco_val2014_annotations.json").read_text())
+    checked = 0
+    for question, annotation in zip(questions["questions"], annotations["annotations"]):
+        if not question["question"].startswith("what colour"):
+            continue
+        cell = question["question"].split(" in the ")[1].rstrip("?")
+        row, col = divmod(POSITIONS.index(cell), 2)
+        path = vqa.data_dir / "val2014" / f"COCO_val2014_{question['image_id']:012d}.jpg"
+        pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)[
+            row * 16 : row * 16 + 16, col * 16 : col * 16 + 16
+        ]
+        target = np.array(COLOURS[annotation["multiple_choice_answer"]])
+        assert (np.abs(pixels - target).max(axis=-1) <= 60).sum() >= 20, question
+        checked += 1
+    assert checked > 0
+
+
+def test_nlvr2_files_have_the_nlvr2_layout_and_balanced_labels(tmp_path):
+    paths = write_synthetic_nlvr2(
+        tmp_path / "nlvr2", num_train_pairs=12, num_dev_pairs=3, num_test_pairs=2, image_size=32
+    )
+    train = [json.loads(line) for line in paths.statements("train").read_text().splitlines()]
+    assert len(train) == 24 and Counter(e["label"] for e in train) == {"True": 12, "False": 12}
+    first = train[0]
+    assert first["identifier"] == "train-0-0-0" and first["directory"] == 0
+    assert (paths.data_dir / "images/train/0/train-0-0-img0.png").is_file()
+    assert (paths.data_dir / "dev/dev-2-0-img1.png").is_file() and (
+        paths.data_dir / "test1/test1-1-0-img0.png"
+    ).is_file()
+    again = write_synthetic_nlvr2(
+        tmp_path / "again", num_train_pairs=12, num_dev_pairs=3, num_test_pairs=2, image_size=32
+    )
+    assert snapshot(paths.data_dir) == snapshot(again.data_dir)  # deterministic
+    before = {p: p.stat().st_mtime_ns for p in paths.data_dir.rglob("*") if p.is_file()}
+    write_synthetic_nlvr2(tmp_path / "nlvr2", num_train_pairs=12, num_dev_pairs=3, num_test_pairs=2, image_size=32)
+    assert {p: p.stat().st_mtime_ns for p in paths.data_dir.rglob("*") if p.is_file()} == before  # idempotent
+    write_synthetic_nlvr2(tmp_path / "nlvr2", num_train_pairs=4, num_dev_pairs=3, num_test_pairs=2, image_size=32)
+    assert not (paths.data_dir / "images/train/5/train-5-0-img0.png").exists()  # stale pairs removed
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_synthetic_nlvr2(tmp_path / "foreign", num_train_pairs=1, num_dev_pairs=1, num_test_pairs=1)
+
+
+def test_nlvr2_statements_are_true_or_false_of_their_image():
+    rng = random.Random(0)
+    for _ in range(200):
+        left = [SceneObject(rng.choice(list(COLOURS)[:4]), "circle", "top left")]
+        right = [SceneObject("blue", "square", "bottom right"), SceneObject("red", "triangle", "top left")]
+        label = rng.random() < 0.5
+        statement = nlvr2_statement(left, right, label, rng)
+        side = left if " left image" in statement else right
+        words = statement.split()
+        if "shape" in words[-1] and words[-2].isdigit():
+            truth = len(side) == int(words[-2])
+        elif any(c in words for c in COLOURS):
+            truth = next(c for c in COLOURS if c in words) in {o.colour for o in side}
+        else:
+            truth = next(s for s in ("circle", "square", "triangle") if s in words) in {o.shape for o in side}
+        assert truth == label, statement
+
+
+def test_nlvr2_false_statements_mix_the_other_image_and_neither():
+    """False colour / shape statements name what only the other image has about half the time (only the named
+    image tells), otherwise what neither has (the pair tells): a model can learn the second before the first."""
+    rng = random.Random(0)
+    left = [SceneObject("red", "circle", "top left")]
+    right = [SceneObject("blue", "square", "bottom right")]
+    counts = {"other": 0, "neither": 0}
+    for _ in range(400):
+        statement = nlvr2_statement(left, right, False, rng)
+        this, other = (left, right) if " left image" in statement else (right, left)
+        words = set(statement.split())
+        named = [v for o in this + other for v in (o.colour, o.shape) if v in words]
+        if "shape" in statement.split()[-1] and statement.split()[-2].isdigit():
+            continue  # a count
+        assert not any(v in words for o in this for v in (o.colour, o.shape)), statement
+        counts["other" if named else "neither"] += 1
+    assert min(counts.values()) > 0.35 * sum(counts.values()), counts
+
+
+def test_cli_trains_a_sentencepiece_model_of_the_written_texts(tmp_path):
+    import sentencepiece
+
+    common = ["--num-train", "3", "--num-val", "1", "--num-test", "1", "--image-size", "32", "--quiet"]
+    assert main(["--task", "nlvr2", "--output", str(tmp_path / "nlvr2"), *common, "--spm-vocab-size", "60"]) == 0
+    model = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "nlvr2" / "text.spm"))
+    statement = json.loads((tmp_path / "nlvr2" / "nlvr2" / "data" / "dev.json").read_text().splitlines()[0])
+    assert model.get_piece_size() >= 30 and model.decode(model.encode(statement["sentence"])) == statement["sentence"]
+    assert sorted(p.name for p in (tmp_path / "nlvr2").iterdir() if p.is_file()) == [
+        "synthetic_manifest.json",
+        "text.spm",
+    ]
+
+
+def test_cli_writes_the_vqa_and_nlvr2_layouts(tmp_path, capsys):
+    common = ["--num-train", "2", "--num-val", "1", "--num-test", "1", "--image-size", "32"]
+    assert main(["--task", "vqa", "--output", str(tmp_path / "vqa"), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["annotation_dir"] == str(tmp_path / "vqa" / "vqa")
+    assert main(["--task", "nlvr2", "--output", str(tmp_path / "nlvr2"), *common, "--quiet"]) == 0
+    assert (tmp_path / "nlvr2" / "nlvr2" / "data" / "dev.json").is_file()

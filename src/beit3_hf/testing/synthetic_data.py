@@ -32,7 +32,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from math import comb
 from pathlib import Path
@@ -46,15 +46,22 @@ __all__ = [
     "SHAPES",
     "SceneObject",
     "SyntheticDatasetPaths",
+    "SyntheticNlvr2Paths",
     "SyntheticSample",
+    "SyntheticVqaPaths",
     "caption_vocabulary",
     "describe_scene",
     "generate_captions",
     "generate_synthetic_samples",
     "main",
+    "nlvr2_statement",
     "parse_caption",
     "render_scene",
+    "train_text_tokenizer",
+    "vqa_questions_for_scene",
     "write_synthetic_dataset",
+    "write_synthetic_nlvr2",
+    "write_synthetic_vqa",
 ]
 
 GENERATOR_VERSION = 1
@@ -88,6 +95,21 @@ _POSITION_WORDS: dict[str, tuple[str, ...]] = {
     "bottom left": ("bottom left", "lower left"),
     "bottom right": ("bottom right", "lower right"),
 }
+# Chinese captions (``language="zh"``): the same scenes in Chinese, with their own paraphrases.
+_COLOUR_ZH = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色", "orange": "橙色"}
+_SHAPE_ZH: dict[str, tuple[str, ...]] = {
+    "circle": ("圆形", "圆"),
+    "square": ("正方形", "方块"),
+    "triangle": ("三角形",),
+    "cross": ("十字", "加号"),
+}
+_POSITION_ZH: dict[str, tuple[str, ...]] = {
+    "top left": ("左上角", "左上方"),
+    "top right": ("右上角", "右上方"),
+    "bottom left": ("左下角", "左下方"),
+    "bottom right": ("右下角", "右下方"),
+}
+LANGUAGES = ("en", "zh")
 _VERTICAL_WORDS = {"top": "top", "upper": "top", "bottom": "bottom", "lower": "bottom"}
 _HORIZONTAL_WORDS = ("left", "right")
 _SPLITS = ("train", "restval", "val", "test")
@@ -200,20 +222,43 @@ def _one_caption(objects: Sequence[SceneObject], rng: random.Random) -> str:
     return head if not rest else head + " with " + " and ".join(rest)
 
 
-def generate_captions(objects: Sequence[SceneObject], count: int, rng: random.Random) -> tuple[str, ...]:
+def _one_caption_zh(objects: Sequence[SceneObject], rng: random.Random) -> str:
+    objs = list(objects)
+    rng.shuffle(objs)
+    clauses = []
+    for o in objs:
+        pos, colour, shape = rng.choice(_POSITION_ZH[o.position]), _COLOUR_ZH[o.colour], rng.choice(_SHAPE_ZH[o.shape])
+        template = rng.choice(
+            ("{pos}有一个{colour}的{shape}", "一个{colour}的{shape}在{pos}", "{pos}是{colour}{shape}")
+        )
+        clauses.append(template.format(pos=pos, colour=colour, shape=shape))
+    return rng.choice(("", "图中", "这张图片里")) + rng.choice(("\uff0c", "\uff0c还有", "\uff1b")).join(clauses)
+
+
+def generate_captions(
+    objects: Sequence[SceneObject], count: int, rng: random.Random, language: str = "en"
+) -> tuple[str, ...]:
     """``count`` distinct paraphrases, each naming every object of the scene with its colour, shape and cell.
+
+    ``language="zh"`` writes Chinese captions (``"左上角有一个红色的圆形"`` ...), for tokenizers other
+    than ``beit3.spm``; only English captions can be read back by :func:`parse_caption`.
 
     Example:
         >>> import random
         >>> caps = generate_captions([SceneObject("red", "circle", "top left")], 3, random.Random(0))
         >>> len(set(caps)), all(parse_caption(c) == {SceneObject("red", "circle", "top left")} for c in caps)
         (3, True)
+        >>> "红色" in generate_captions([SceneObject("red", "circle", "top left")], 1, random.Random(0), "zh")[0]
+        True
     """
     if not objects:
         raise ValueError("a scene needs at least one object")
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
+    one_caption = _one_caption if language == "en" else _one_caption_zh
     captions: list[str] = []
     for _ in range(200 * count):
-        caption = _one_caption(objects, rng)
+        caption = one_caption(objects, rng)
         if caption not in captions:
             captions.append(caption)
             if len(captions) == count:
@@ -382,6 +427,7 @@ def generate_synthetic_samples(
     holdout_eval_scenes: bool = False,
     image_format: str = "png",
     seed: int = 0,
+    language: str = "en",
 ) -> list[SyntheticSample]:
     """The retrieval samples (scenes and captions, no pixels), in Karpathy order: train, restval, val, test.
 
@@ -391,6 +437,7 @@ def generate_synthetic_samples(
     freely, so an evaluation scene may also appear, rendered differently, in training.
 
     Each split draws from its own seeded stream, so e.g. changing ``num_train`` does not change the test images.
+    ``language="zh"`` gives the same scenes with Chinese captions.
 
     Example:
         >>> samples = generate_synthetic_samples(num_train=3, num_val=2, num_test=2)
@@ -442,18 +489,19 @@ def generate_synthetic_samples(
         rng = random.Random(f"beit3-synthetic:{seed}:captions:{split}")
         for i, scene in enumerate(scenes[split]):
             objects = tuple(sorted(scene, key=lambda o: POSITIONS.index(o.position)))
-            captions = generate_captions(objects, captions_per_image, rng)
+            captions = generate_captions(objects, captions_per_image, rng, language)
             filename = f"synthetic_{len(samples):06d}.{image_format}"
             samples.append(SyntheticSample(split, filename, objects, captions, f"beit3-synthetic:{seed}:{split}:{i}"))
-    _assert_unambiguous(samples)
+    _assert_unambiguous(samples, parse=language == "en")
     return samples
 
 
-def _assert_unambiguous(samples: Sequence[SyntheticSample]) -> None:
-    """Every caption parses back to its own scene, and val/test scenes are unique within and across the two splits."""
+def _assert_unambiguous(samples: Sequence[SyntheticSample], parse: bool = True) -> None:
+    """Every caption parses back to its own scene (English captions), and val/test scenes are unique within and
+    across the two splits."""
     seen: dict[Scene, str] = {}
     for s in samples:
-        for caption in s.captions:
+        for caption in s.captions if parse else ():
             if parse_caption(caption) != s.scene:
                 raise AssertionError(f"caption {caption!r} of {s.filename} does not describe its scene {s.objects}")
         if s.split in ("val", "test"):
@@ -470,7 +518,7 @@ def _assert_unambiguous(samples: Sequence[SyntheticSample]) -> None:
 
 
 def _tokens(raw: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", raw.lower())
+    return re.findall(r"[a-z0-9]+|[\u4e00-\u9fff]", raw.lower())  # words; one token per Chinese character
 
 
 def _karpathy_json(samples: Sequence[SyntheticSample]) -> dict:
@@ -538,6 +586,7 @@ def write_synthetic_dataset(
     classification_val_per_class: int = 10,
     seed: int = 0,
     force: bool = False,
+    language: str = "en",
 ) -> SyntheticDatasetPaths:
     """Generate the synthetic dataset under ``root`` (see the module docstring for the layout) and return its paths.
 
@@ -548,7 +597,7 @@ def write_synthetic_dataset(
     anything else is refused, so that a mistyped path never loses data.
 
     The classification folder holds separate single-object images (``classification_*_per_class`` per class), with
-    ``num_colours * num_shapes`` classes named ``{colour}_{shape}``.
+    ``num_colours * num_shapes`` classes named ``{colour}_{shape}``. ``language="zh"`` writes Chinese captions.
 
     Example:
         >>> import tempfile
@@ -580,6 +629,8 @@ def write_synthetic_dataset(
         "classification_val_per_class": classification_val_per_class,
         "seed": seed,
     }
+    if language != "en":  # only then, so that the manifests of English datasets stay as they were
+        config["language"] = language
     colours = list(COLOURS)[:num_colours]
     shapes = list(SHAPES)[:num_shapes]
     class_names = [f"{c}_{s}" for c in colours for s in shapes]
@@ -626,6 +677,7 @@ def write_synthetic_dataset(
         holdout_eval_scenes=holdout_eval_scenes,
         image_format=image_format,
         seed=seed,
+        language=language,
     )
     files: dict[str, bytes] = {}
     for s in samples:
@@ -633,7 +685,7 @@ def write_synthetic_dataset(
     files[KARPATHY_NAME] = _json_bytes(_karpathy_json(samples))
     for split in splits:
         lines = [
-            json.dumps({"image": f"images/{s.filename}", "caption": c}, ensure_ascii=True)
+            json.dumps({"image": f"images/{s.filename}", "caption": c}, ensure_ascii=language == "en")
             for s in samples
             if s.split == split
             for c in s.captions
@@ -669,6 +721,370 @@ def write_synthetic_dataset(
     return paths
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# VQAv2 and NLVR2 layouts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _write_owned_folder(root: Path, config: dict, make_files: Callable[[], dict[str, bytes]], force: bool) -> None:
+    """Write ``make_files()`` under ``root`` with a manifest, as :func:`write_synthetic_dataset` does: nothing is
+    rewritten when the folder already holds this configuration complete, a foreign non-empty folder is refused,
+    and files of an earlier configuration are removed (the whole folder is the generator's)."""
+    manifest_path = root / MANIFEST_NAME
+    manifest: dict | None = None
+    if root.exists():
+        if not root.is_dir():
+            raise NotADirectoryError(f"{root} exists and is not a directory")
+        if manifest_path.is_file():
+            try:
+                manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{manifest_path}: unreadable manifest ({err}); delete {root} and retry") from err
+        elif any(root.iterdir()):
+            raise FileExistsError(
+                f"{root} is not empty and has no {MANIFEST_NAME}: refusing to write the synthetic dataset into a "
+                "folder it did not create; choose an empty or new folder"
+            )
+    if (
+        not force
+        and manifest is not None
+        and manifest.get("complete")
+        and manifest.get("config") == config
+        and all((root / rel).is_file() and (root / rel).stat().st_size == size for rel, size in manifest["files"])
+    ):
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    _write_if_changed(manifest_path, _json_bytes({"complete": False, "config": config, "files": []}))
+    files = make_files()
+    for rel, data in files.items():
+        _write_if_changed(root / rel, data)
+    for path in sorted(root.rglob("*"), reverse=True):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and rel not in files and path != manifest_path:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    listing = sorted([rel, len(data)] for rel, data in files.items())
+    _write_if_changed(manifest_path, _json_bytes({"complete": True, "config": config, "files": listing}))
+
+
+def _task_config(
+    task: str,
+    counts: dict[str, int],
+    image_size: int,
+    max_objects: int,
+    num_colours: int,
+    num_shapes: int,
+    seed: int,
+    **extra: int,
+) -> tuple[dict, list[str], list[str]]:
+    """Check the options of a VQA / NLVR2 writer; return its manifest configuration and the colours and shapes."""
+    _check_options(num_colours, num_shapes, max_objects, 1, image_size)
+    if min(counts.values()) < 1:
+        raise ValueError(f"the synthetic {task} dataset needs at least one image (pair) per split, got {counts}")
+    config = {"generator_version": GENERATOR_VERSION, "task": task, **counts, **extra, "image_size": image_size,
+              "max_objects": max_objects, "num_colours": num_colours, "num_shapes": num_shapes, "seed": seed}  # fmt: skip
+    return config, list(COLOURS)[:num_colours], list(SHAPES)[:num_shapes]
+
+
+def _scenes(rng: random.Random, count: int, colours: Sequence[str], shapes: Sequence[str], max_objects: int) -> list:
+    return [
+        tuple(sorted(_random_scene(rng, colours, shapes, max_objects), key=lambda o: POSITIONS.index(o.position)))
+        for _ in range(count)
+    ]
+
+
+# -- VQA ----------------------------------------------------------------------------------------------------------
+
+#: The VQAv2 splits the synthetic VQA dataset writes: (questions split, image folder, annotated).
+VQA_SPLITS = (("train2014", "train2014", True), ("val2014", "val2014", True), ("test-dev2015", "test2015", False))
+_COUNT_WORDS = {1: "1", 2: "2", 3: "3", 4: "4"}
+
+
+@dataclass(frozen=True)
+class SyntheticVqaPaths:
+    """Where :func:`write_synthetic_vqa` put the VQAv2-format files: ``data_dir`` holds ``train2014/``,
+    ``val2014/``, ``test2015/`` and ``vqa/`` (questions and annotations), the layout ``examples/vqa`` reads with
+    ``--data_dir``."""
+
+    data_dir: Path
+    annotation_dir: Path
+    manifest: Path
+
+
+def vqa_questions_for_scene(
+    objects: Sequence[SceneObject], rng: random.Random, count: int
+) -> list[tuple[str, str, str, str]]:
+    """Up to ``count`` distinct questions about a scene as ``(question, answer, answer_type, question_type)``:
+    the colour or the shape in an occupied cell, whether a given object is in a cell (yes/no, balanced), and how
+    many shapes there are.
+
+    Example:
+        >>> import random
+        >>> qs = vqa_questions_for_scene([SceneObject("red", "circle", "top left")], random.Random(0), 4)
+        >>> sorted(answer for _, answer, _, _ in qs)[:2]
+        ['1', 'circle']
+    """
+    colours, shapes = list(COLOURS), list(SHAPES)
+    by_cell = {o.position: o for o in objects}
+    candidates = []
+    for o in objects:
+        candidates.append((f"what colour is the shape in the {o.position}?", o.colour, "other", "what color is the"))
+        candidates.append((f"what shape is in the {o.position}?", o.shape, "other", "what"))
+    if rng.random() < 0.5:  # yes: an object of the scene
+        o = rng.choice(list(objects))
+        candidates.append((f"is there a {o.colour} {o.shape} in the {o.position}?", "yes", "yes/no", "is there a"))
+    else:  # no: an object of another colour in an occupied cell, or any object in an empty cell
+        cell = rng.choice(POSITIONS)
+        o = by_cell.get(cell) or SceneObject(rng.choice(colours[:4]), rng.choice(shapes[:3]), cell)
+        colour = rng.choice([c for c in colours[:4] if c != o.colour]) if cell in by_cell else o.colour
+        candidates.append((f"is there a {colour} {o.shape} in the {cell}?", "no", "yes/no", "is there a"))
+    candidates.append(("how many shapes are there?", _COUNT_WORDS[len(objects)], "number", "how many"))
+    rng.shuffle(candidates)
+    return candidates[:count]
+
+
+def _annotator_answers(answer: str, answer_type: str, rng: random.Random) -> list[str]:
+    """Ten annotator answers: the right one 7 to 10 times, the rest confusable answers (other colours, shapes or
+    numbers, or a synonym such as "disc", which is outside the answer vocabulary) so that soft scores vary."""
+    agree = rng.choice((10, 10, 9, 9, 8, 7))
+    if answer in COLOURS:
+        pool = [c for c in list(COLOURS)[:4] if c != answer]
+    elif answer in SHAPES:
+        pool = [s for s in SHAPES[:3] if s != answer] + [w for w in _SHAPE_WORDS[answer][1:]]
+    elif answer_type == "yes/no":
+        pool = ["no" if answer == "yes" else "yes"]
+    else:
+        pool = [n for n in ("1", "2", "3") if n != answer]
+    answers = [answer] * agree + [rng.choice(pool) for _ in range(10 - agree)]
+    rng.shuffle(answers)
+    return answers
+
+
+def write_synthetic_vqa(
+    root: str | os.PathLike[str],
+    *,
+    num_train_images: int = 1000,
+    num_val_images: int = 100,
+    num_test_images: int = 50,
+    questions_per_image: int = 4,
+    image_size: int = 64,
+    max_objects: int = 2,
+    num_colours: int = 4,
+    num_shapes: int = 3,
+    seed: int = 0,
+    force: bool = False,
+) -> SyntheticVqaPaths:
+    """Write a VQAv2-format dataset of the coloured-shape scenes under ``root``.
+
+    Layout (VQAv2 as released, the original recipe's ``--data_path``)::
+
+        train2014/COCO_train2014_000000000001.jpg   val2014/...   test2015/...
+        vqa/v2_OpenEnded_mscoco_{train2014,val2014,test-dev2015}_questions.json
+        vqa/v2_mscoco_{train2014,val2014}_annotations.json
+
+    Questions ask for the colour or the shape in a grid cell, whether an object is in a cell (yes / no) or how many
+    shapes there are (:func:`vqa_questions_for_scene`); each annotated question has ten annotator answers, 7 to 10
+    of them right and the others confusable (:func:`_annotator_answers`), so that soft scores other than 1.0 occur.
+    Image ids are 1.. (train), 500001.. (val), 900001.. (test); question ids ``image_id * 1000 + k``. Idempotent,
+    like :func:`write_synthetic_dataset`.
+
+    Example:
+        >>> import tempfile
+        >>> p = write_synthetic_vqa(tempfile.mkdtemp(), num_train_images=2, num_val_images=1, num_test_images=1)
+        >>> sorted(f.name for f in p.annotation_dir.iterdir())[0]
+        'v2_OpenEnded_mscoco_test-dev2015_questions.json'
+    """
+    if questions_per_image < 1:
+        raise ValueError("write_synthetic_vqa needs at least one question per image")
+    counts = {"train2014": num_train_images, "val2014": num_val_images, "test-dev2015": num_test_images}
+    config, colours, shapes = _task_config(
+        "vqa", counts, image_size, max_objects, num_colours, num_shapes, seed, questions_per_image=questions_per_image
+    )
+    root = Path(root)
+
+    def make_files() -> dict[str, bytes]:
+        files: dict[str, bytes] = {}
+        for (split, folder, annotated), first_id in zip(VQA_SPLITS, (1, 500001, 900001)):
+            rng = random.Random(f"beit3-synthetic:{seed}:vqa:{split}")
+            questions, annotations = [], []
+            for index, objects in enumerate(_scenes(rng, counts[split], colours, shapes, max_objects)):
+                image_id = first_id + index
+                image = render_scene(objects, image_size, f"beit3-synthetic:{seed}:vqa:{split}:{index}")
+                files[f"{folder}/COCO_{folder}_{image_id:012d}.jpg"] = _encode(image, "jpg")
+                for k, (question, answer, answer_type, question_type) in enumerate(
+                    vqa_questions_for_scene(objects, rng, questions_per_image)
+                ):
+                    question_id = image_id * 1000 + k
+                    questions.append({"image_id": image_id, "question": question, "question_id": question_id})
+                    answers = _annotator_answers(answer, answer_type, rng)
+                    annotations.append({
+                        "question_type": question_type, "multiple_choice_answer": answer,
+                        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)],
+                        "image_id": image_id, "answer_type": answer_type, "question_id": question_id,
+                    })  # fmt: skip
+            header = {
+                "info": {"description": "beit3-hf synthetic VQA"},
+                "license": {"name": "MIT"},
+                "data_subtype": split,
+            }
+            files[f"vqa/v2_OpenEnded_mscoco_{split}_questions.json"] = _json_bytes(
+                {**header, "task_type": "Open-Ended", "data_type": "mscoco", "questions": questions}
+            )
+            if annotated:
+                files[f"vqa/v2_mscoco_{split}_annotations.json"] = _json_bytes({**header, "annotations": annotations})
+        return files
+
+    _write_owned_folder(root, config, make_files, force)
+    return SyntheticVqaPaths(data_dir=root, annotation_dir=root / "vqa", manifest=root / MANIFEST_NAME)
+
+
+# -- NLVR2 --------------------------------------------------------------------------------------------------------
+
+#: The NLVR2 files the synthetic NLVR2 dataset writes: (split, image folder).
+NLVR2_SPLITS = (("train", "images/train"), ("dev", "dev"), ("test1", "test1"))
+
+
+@dataclass(frozen=True)
+class SyntheticNlvr2Paths:
+    """Where :func:`write_synthetic_nlvr2` put the NLVR2-format files: ``data_dir`` (the image folders
+    ``images/train/N/``, ``dev/``, ``test1/``) and the statement files ``{train,dev,test1}.json`` in ``json_dir``."""
+
+    data_dir: Path
+    json_dir: Path
+    manifest: Path
+
+    def statements(self, split: str) -> Path:
+        """``train``, ``dev`` or ``test1``: the JSON Lines statement file."""
+        return self.json_dir / f"{split}.json"
+
+
+def nlvr2_statement(left: Sequence[SceneObject], right: Sequence[SceneObject], label: bool, rng: random.Random) -> str:
+    """A statement about the colours, shapes or number of shapes of one image of a pair, true iff ``label``.
+
+    A false statement names a colour or shape missing from its image: half the time one that only the other image
+    has (only looking at the named image tells), otherwise one that neither has. A model can first learn whether the
+    pair shows the named colour or shape at all, then which image does; were every false statement about the other
+    image, neither skill alone would beat chance and a small model trained from scratch stays there.
+
+    Example:
+        >>> import random
+        >>> left, right = [SceneObject("red", "circle", "top left")], [SceneObject("blue", "square", "top left")]
+        >>> nlvr2_statement(left, right, True, random.Random(1))
+        'the left image has 1 shape'
+    """
+    side = rng.choice(("left", "right"))
+    this, other = (left, right) if side == "left" else (right, left)
+    kind = rng.choice(("colour", "shape", "count"))
+    if kind == "count":
+        n = len(this) if label else rng.choice([k for k in (1, 2) if k != len(this)] or [1])
+        return f"the {side} image has {n} shape{'s' if n > 1 else ''}"
+    attribute = "colour" if kind == "colour" else "shape"
+    present = {getattr(o, attribute) for o in this}
+    if label:
+        value = rng.choice(sorted(present))
+    else:
+        universe = list(COLOURS)[:4] if attribute == "colour" else list(SHAPES[:3])
+        elsewhere = sorted({getattr(o, attribute) for o in other} - present)
+        nowhere = [v for v in universe if v not in present and v not in elsewhere]
+        value = rng.choice(elsewhere if elsewhere and (not nowhere or rng.random() < 0.5) else nowhere)
+    if attribute == "colour":
+        return rng.choice(
+            (f"the {side} image contains a {value} shape", f"there is a {value} object in the {side} image")
+        )
+    return rng.choice((f"the {side} image contains a {value}", f"there is a {value} in the {side} image"))
+
+
+def write_synthetic_nlvr2(
+    root: str | os.PathLike[str],
+    *,
+    num_train_pairs: int = 800,
+    num_dev_pairs: int = 100,
+    num_test_pairs: int = 100,
+    image_size: int = 64,
+    max_objects: int = 2,
+    num_colours: int = 4,
+    num_shapes: int = 3,
+    seed: int = 0,
+    force: bool = False,
+) -> SyntheticNlvr2Paths:
+    """Write an NLVR2-format dataset of coloured-shape image pairs under ``root``.
+
+    Layout (NLVR2 as released and organised by the original recipe)::
+
+        images/train/{0..9}/train-{pair}-0-img{0,1}.png   dev/dev-{pair}-0-img{0,1}.png   test1/...
+        nlvr2/data/{train,dev,test1}.json   (JSON Lines: identifier, sentence, label "True"/"False", directory)
+
+    Each pair gets two statements about one of its images (:func:`nlvr2_statement`), one true and one false, so
+    the labels are balanced in every split. Idempotent, like :func:`write_synthetic_dataset`.
+
+    Example:
+        >>> import tempfile
+        >>> p = write_synthetic_nlvr2(tempfile.mkdtemp(), num_train_pairs=2, num_dev_pairs=1, num_test_pairs=1)
+        >>> [json.loads(line)["label"] for line in p.statements("dev").read_text().splitlines()]
+        ['True', 'False']
+    """
+    counts = {"train": num_train_pairs, "dev": num_dev_pairs, "test1": num_test_pairs}
+    config, colours, shapes = _task_config("nlvr2", counts, image_size, max_objects, num_colours, num_shapes, seed)
+    root = Path(root)
+
+    def make_files() -> dict[str, bytes]:
+        files: dict[str, bytes] = {}
+        for split, folder in NLVR2_SPLITS:
+            rng = random.Random(f"beit3-synthetic:{seed}:nlvr2:{split}")
+            lines = []
+            for pair in range(counts[split]):
+                left, right = _scenes(rng, 2, colours, shapes, max_objects)
+                directory = pair % 10
+                stem = f"{folder}/{directory}/{split}-{pair}-0" if split == "train" else f"{folder}/{split}-{pair}-0"
+                for side, objects in enumerate((left, right)):
+                    image = render_scene(objects, image_size, f"beit3-synthetic:{seed}:nlvr2:{split}:{pair}:{side}")
+                    files[f"{stem}-img{side}.png"] = _encode(image, "png")
+                for sentence, label in enumerate((True, False)):
+                    entry = {"identifier": f"{split}-{pair}-0-{sentence}", "sentence": nlvr2_statement(left, right, label, rng),
+                             "label": str(label), "synset": "shapes", "query": "synthetic"}  # fmt: skip
+                    if split == "train":
+                        entry["directory"] = directory
+                    lines.append(json.dumps(entry, ensure_ascii=True))
+            files[f"nlvr2/data/{split}.json"] = ("\n".join(lines) + "\n").encode("utf-8")
+        return files
+
+    _write_owned_folder(root, config, make_files, force)
+    return SyntheticNlvr2Paths(data_dir=root, json_dir=root / "nlvr2" / "data", manifest=root / MANIFEST_NAME)
+
+
+def train_text_tokenizer(texts: Sequence[str], path: str | os.PathLike[str], vocab_size: int = 120) -> Path:
+    """Train a BPE sentencepiece model (the kind of model ``beit3.spm`` is) on ``texts`` and write it to ``path``,
+    for ``--sentencepiece_model`` of the example scripts trained from scratch on the synthetic data. Needs the
+    ``sentencepiece`` package (the ``train`` extra)."""
+    import sentencepiece
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    corpus = path.with_suffix(".txt")
+    corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(path.with_suffix("")), model_type="bpe", vocab_size=vocab_size,
+        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
+    )  # fmt: skip
+    corpus.unlink()
+    path.with_suffix(".vocab").unlink()
+    path.with_suffix(".model").replace(path)
+    return path
+
+
+def _written_texts(task: str, output: Path) -> list[str]:
+    """The captions / questions / statements of a dataset written by :func:`main`."""
+    if task == "vqa":
+        files = sorted((output / "vqa").glob("*_questions.json"))
+        return [q["question"] for f in files for q in json.loads(f.read_text(encoding="utf-8"))["questions"]]
+    if task == "nlvr2":
+        files = sorted((output / "nlvr2" / "data").glob("*.json"))
+        return [json.loads(line)["sentence"] for f in files for line in f.read_text(encoding="utf-8").splitlines()]
+    images = json.loads((output / KARPATHY_NAME).read_text(encoding="utf-8"))["images"]
+    return [sentence["raw"] for image in images for sentence in image["sentences"]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: ``python -m beit3_hf.testing.synthetic_data --output DIR [options]``.
 
@@ -680,9 +1096,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="python -m beit3_hf.testing.synthetic_data",
-        description="Write the built-in synthetic image-text dataset (Karpathy JSON, caption JSONL, ImageNet folders).",
+        description="Write the built-in synthetic image-text dataset (Karpathy JSON, caption JSONL, ImageNet folders), "
+        "or with --task vqa / nlvr2 the VQAv2 / NLVR2 layouts (--num-train/val/test: images / image pairs).",
     )
     parser.add_argument("--output", required=True, help="folder to write (created; must be empty or ours)")
+    parser.add_argument("--task", choices=("retrieval", "vqa", "nlvr2"), default="retrieval")
+    parser.add_argument("--language", choices=LANGUAGES, default="en", help="caption language (retrieval)")
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-val", type=int, default=100)
     parser.add_argument("--num-test", type=int, default=100)
@@ -698,13 +1117,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--classification-val-per-class", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="re-render even if the folder is up to date")
+    parser.add_argument(
+        "--spm-vocab-size", type=int, default=0,
+        help="also train a sentencepiece model of this size on the written texts: OUTPUT/text.spm",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    options = {k: v for k, v in vars(args).items() if k not in ("output", "quiet")}
+    options = {k: v for k, v in vars(args).items() if k not in ("output", "quiet", "task", "spm_vocab_size")}
+    common = {k: options[k] for k in ("image_size", "max_objects", "num_colours", "num_shapes", "seed", "force")}
     try:
-        paths = write_synthetic_dataset(args.output, **options)
+        if args.task == "vqa":
+            vqa = write_synthetic_vqa(
+                args.output, num_train_images=args.num_train, num_val_images=args.num_val, num_test_images=args.num_test,
+                **common,
+            )  # fmt: skip
+            summary = {k: str(v) for k, v in asdict(vqa).items()}
+        elif args.task == "nlvr2":
+            nlvr2 = write_synthetic_nlvr2(
+                args.output, num_train_pairs=args.num_train, num_dev_pairs=args.num_val, num_test_pairs=args.num_test,
+                **common,
+            )  # fmt: skip
+            summary = {k: str(v) for k, v in asdict(nlvr2).items()}
+        else:
+            paths = write_synthetic_dataset(args.output, **options)
+        if args.spm_vocab_size:
+            train_text_tokenizer(_written_texts(args.task, Path(args.output)), Path(args.output) / "text.spm",
+                                 args.spm_vocab_size)  # fmt: skip
     except (ValueError, OSError) as err:
         parser.exit(2, f"error: {err}\n")
+    if args.task != "retrieval":
+        if not args.quiet:
+            print(json.dumps(summary, indent=2))
+        return 0
     if not args.quiet:
         summary = {k: str(v) for k, v in asdict(paths).items() if k not in ("caption_jsonl", "class_names")}
         summary["caption_jsonl"] = {k: str(v) for k, v in paths.caption_jsonl.items()}  # type: ignore[assignment]

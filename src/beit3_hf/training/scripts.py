@@ -7,8 +7,15 @@
   and refuse checkpoints without optimizer / scheduler state unless asked.
 - Images: `beit3_hf.data.loaders` decodes them (`open_image`, `check_images`, `ImageRowDecoder`) with errors that
   name the file; `Beit3Trainer` writes the report of the training images it had to skip.
-- `load_config`, `parse_script_args`, `setup_logging`, `check_distributed_launch`, `save_final_model`: the scripts'
-  common set-up and the save that happens before any evaluation.
+- `start_run` (`parse_script_args`, `setup_logging`, `check_distributed_launch`, `resolve_checkpoint`, seeding),
+  `load_config`, `save_final_model`, `run_stages`: the scripts' common set-up, the stages (evaluate before training, train, evaluate, predict) with their metrics
+  files, and the save that happens before any evaluation.
+- The vision-language scripts (retrieval, VQA, NLVR2, captioning) share their model options (`ModelArguments`:
+  `--model_name_or_path`, `--config_name` + `--config_overrides`, `--sentencepiece_model` or
+  `--tokenizer_name_or_path`, `--trust_remote_code`), their text / augmentation options (`ImageTextDataArguments`),
+  `--layer_decay` and `--eval_before_training` (`ImageTextTrainingArguments`), and their text and image inputs:
+  `load_processor` (any tokenizer), `fit_text_vocabulary` (embeddings resized to the tokenizer, special-token ids
+  from it; `set_special_token_ids`, `keep_special_token_ids`) and `train_image_transform`.
 
 Library code for the example scripts (never shipped in a checkpoint folder).
 """
@@ -22,7 +29,7 @@ import os
 import re
 import sys
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,14 +45,26 @@ from ..models.beit3.configuration_beit3 import BEIT3_PRESETS, Beit3Config
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ImageTextCollator",
+    "ImageTextDataArguments",
+    "ImageTextTrainingArguments",
+    "ModelArguments",
     "ScriptTrainingArguments",
     "check_distributed_launch",
+    "fit_text_vocabulary",
+    "keep_special_token_ids",
     "last_complete_checkpoint",
     "load_config",
+    "load_processor",
     "parse_script_args",
     "resolve_checkpoint",
+    "run_stages",
     "save_final_model",
+    "set_special_token_ids",
     "setup_logging",
+    "start_run",
+    "tokenizer_special_ids",
+    "train_image_transform",
     "write_json",
     "write_model_card",
 ]
@@ -180,6 +199,28 @@ def check_distributed_launch(training_args: TrainingArguments) -> None:
 def _destroy_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def start_run(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None, script_logger: logging.Logger
+) -> tuple[Any, ...]:
+    """The start every script shares: parse `argv` into `dataclass_types` (training arguments last), set up logging,
+    refuse processes that do not form a distributed group, find the checkpoint to resume from (before anything else:
+    an output folder this run would clobber is refused here), seed, and let DDP find parameters without a gradient
+    (some get none in a step, e.g. the vision mask token; non-reentrant gradient checkpointing allows it).
+
+    Returns the parsed dataclasses followed by the checkpoint (None: start from scratch).
+    """
+    *parsed, training_args = parse_script_args(dataclass_types, argv)
+    setup_logging(training_args, script_logger)
+    check_distributed_launch(training_args)
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        script_logger.warning("None of --do_train, --do_eval, --do_predict was given: nothing to do.")
+    checkpoint = resolve_checkpoint(training_args) if training_args.do_train else None
+    transformers.set_seed(training_args.seed)
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = True
+    return (*parsed, training_args, checkpoint)
 
 
 def load_config(name_or_path: str, overrides: str | None = None, **from_pretrained_kwargs: Any) -> PretrainedConfig:
@@ -391,9 +432,382 @@ def save_final_model(trainer: transformers.Trainer, **model_card_kwargs: Any) ->
     write_model_card(trainer, **model_card_kwargs)
 
 
+def run_stages(
+    trainer: transformers.Trainer,
+    training_args: ScriptTrainingArguments,
+    *,
+    checkpoint: str | None,
+    card: dict[str, Any],
+    evaluate: Callable[[str], dict[str, float]] | None = None,
+    predict: Callable[[], dict[str, float]] | None = None,
+    train_metrics: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """What every script does once its trainer is built, in this order, each metric set logged and saved as
+    transformers' examples do (`log_metrics` / `save_metrics`: `<split>_results.json` and `all_results.json`):
+
+    1. `--eval_before_training`: `evaluate("before")`;
+    2. `--do_train`: train (from `checkpoint`), then save the model, its processor and a model card (`card`: the
+       `description`, `tags`, ... of `write_model_card`) before any evaluation, so that a failing evaluation never
+       costs them; the train metrics
+       get `train_samples`, `train_skipped_images` and `train_metrics`;
+    3. `--do_eval`: `evaluate("eval")`; 4. `--do_predict`: `predict()`;
+    5. after training and an evaluation, the model card again, with the results.
+
+    Returns every metric.
+    """
+    results: dict[str, float] = {}
+
+    def model_card(results: dict[str, float] | None) -> dict[str, Any]:
+        return {"results": results, **card}
+
+    def report(split: str, metrics: dict[str, float]) -> None:
+        trainer.log_metrics(split, metrics)
+        trainer.save_metrics(split, metrics)
+        results.update(metrics)
+
+    def need(stage: Callable | None, flag: str) -> Callable:
+        if stage is None:
+            raise ValueError(f"{flag}: this script has nothing to evaluate there.")
+        return stage
+
+    if getattr(training_args, "eval_before_training", False):
+        report("before", need(evaluate, "--eval_before_training")("before"))
+    if training_args.do_train:
+        if trainer.train_dataset is None:
+            raise ValueError("--do_train: no training data.")
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        save_final_model(trainer, **model_card(None))
+        metrics = dict(train_result.metrics, train_samples=len(trainer.train_dataset), **(train_metrics or {}))
+        metrics["train_skipped_images"] = len(getattr(trainer, "skipped_images", ()))
+        report("train", metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        report("eval", need(evaluate, "--do_eval")("eval"))
+    if training_args.do_predict:
+        report("test", need(predict, "--do_predict")())
+    if training_args.do_train and (training_args.do_eval or training_args.do_predict):
+        write_model_card(trainer, **model_card(results))
+    return results
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write `obj` as indented JSON (through a temporary file, so that a kill never leaves half a file)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments and inputs of the vision-language scripts (retrieval, VQA, NLVR2, captioning)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune, or which configuration to train from scratch, and its tokenizer."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A converted / saved BEiT-3 folder (or Hub repo) to fine-tune: a backbone or a task model."},
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={"help": "Train from scratch: a preset such as beit3-base-patch16-224, or a config folder."},
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Comma-separated config changes, e.g. 'hidden_size=128,num_hidden_layers=4'."}
+    )
+    sentencepiece_model: str | None = field(
+        default=None,
+        metadata={"help": "beit3.spm (or another sentencepiece model), instead of the model folder's tokenizer."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Any transformers tokenizer (folder or Hub id, e.g. a Chinese BERT WordPiece one) instead of the "
+            "model folder's. Without <s> / </s> its [CLS] / [SEP] are used; a vocabulary larger than the model's "
+            "grows the text embeddings."
+        },
+    )
+    drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth of the last layer."})
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={
+            "help": "Re-initialise checkpoint weights whose shape differs (e.g. a VQA classifier made for another "
+            "answer list) instead of stopping."
+        },
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model folder / repo."})
+
+    def __post_init__(self) -> None:
+        if self.sentencepiece_model is not None and self.tokenizer_name_or_path is not None:
+            raise ValueError("Pass --sentencepiece_model or --tokenizer_name_or_path, not both.")
+
+    def load_config(self) -> PretrainedConfig:
+        """The config of `--model_name_or_path` or `--config_name`, with `--config_overrides` and
+        `--drop_path_rate` applied."""
+        source = self.model_name_or_path or self.config_name
+        if source is None:
+            raise ValueError("Give --model_name_or_path (fine-tune) or --config_name (train from scratch).")
+        config = load_config(source, self.config_overrides, trust_remote_code=self.trust_remote_code)
+        if self.drop_path_rate is not None:
+            config.drop_path_rate = self.drop_path_rate  # the layers take their rates from it when the model is built
+        return config
+
+
+@dataclass
+class ImageTextDataArguments:
+    """The text length and the training augmentation every vision-language script takes."""
+
+    max_text_length: int = field(default=64, metadata={"help": "Text tokens, <s> and </s> included."})
+    min_crop_scale: float = field(
+        default=0.5, metadata={"help": "Smallest area of the random resized crop; 1.0 only resizes (no crop)."}
+    )
+    hflip: bool = field(default=True, metadata={"help": "Random horizontal flips (the original applies them)."})
+    randaug: bool = field(default=False, metadata={"help": "RandAugment (2 ops, magnitude 7) on training images."})
+
+    def train_transform(self, image_size: int) -> Any:
+        """:func:`train_image_transform` with these options."""
+        return train_image_transform(
+            image_size, min_crop_scale=self.min_crop_scale, hflip=self.hflip, randaug=self.randaug
+        )
+
+
+@dataclass
+class ImageTextTrainingArguments(ScriptTrainingArguments):
+    """`ScriptTrainingArguments` plus the options of every vision-language recipe."""
+
+    layer_decay: float = field(default=1.0, metadata={"help": "Layer-wise learning-rate decay (1.0: none)."})
+    eval_before_training: bool = field(
+        default=False, metadata={"help": "Evaluate once before training (metrics before_*, before_results.json)."}
+    )
+
+    @property
+    def needs_eval_data(self) -> bool:
+        """Whether the run evaluates: `--do_eval`, `--eval_before_training`, or during training."""
+        return self.do_eval or self.eval_before_training or (self.do_train and self.eval_strategy != "no")
+
+
+class ImageTextCollator:
+    """Batches items of `{"pixel_values": tensor, text_key: str, ...}`: the stacked pixels, the tokenised texts
+    (`input_ids`, `attention_mask`) and, when the training transform skipped undecodable images, their records
+    (`skipped_images`, taken out again by `Beit3Trainer`). Subclasses add their targets in `add_targets`."""
+
+    text_key = "text"
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        from ..data.loaders import gather_skipped
+
+        text = self.processor(text=[item[self.text_key] for item in items], return_tensors="pt")
+        batch: dict[str, Any] = {
+            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+        }
+        self.add_targets(batch, items)
+        if "skipped_images" in items[0]:
+            batch["skipped_images"] = gather_skipped(items)
+        return batch
+
+    def add_targets(self, batch: dict[str, Any], items: Sequence[dict[str, Any]]) -> None:
+        """Add the training targets of `items` to `batch` (in place); none by default."""
+
+
+def tokenizer_special_ids(tokenizer: Any, *, need_mask: bool = False, source: str = "the tokenizer") -> dict[str, int]:
+    """``{"bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id"}`` of a tokenizer for a BEiT-3 config.
+
+    A tokenizer without ``<s>`` / ``</s>`` (BERT WordPiece: ``[CLS]`` ... ``[SEP]``) gives its cls / sep ids, which
+    it puts around every text. ``mask_token_id`` is left out when the tokenizer has none, unless ``need_mask``
+    (captioning decodes at the ``<mask>`` slot), which raises naming ``source``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> bert = SimpleNamespace(bos_token_id=None, eos_token_id=None, cls_token_id=101, sep_token_id=102,
+        ...                        pad_token_id=0, mask_token_id=103)
+        >>> tokenizer_special_ids(bert)
+        {'bos_token_id': 101, 'eos_token_id': 102, 'pad_token_id': 0, 'mask_token_id': 103}
+    """
+    name = type(tokenizer).__name__
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(tokenizer, "cls_token_id", None)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(tokenizer, "sep_token_id", None)
+    if bos is None or eos is None:
+        raise ValueError(
+            f"{source} ({name}) has neither bos/eos nor cls/sep tokens: BEiT-3 needs begin and end tokens."
+        )
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{source} ({name}) has no pad token: set one (e.g. tokenizer.pad_token = ...) and save it.")
+    ids = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
+    mask = getattr(tokenizer, "mask_token_id", None)
+    if mask is not None:
+        ids["mask_token_id"] = mask
+    elif need_mask:
+        raise ValueError(f"{source} ({name}) has no mask token: captioning predicts at a <mask> slot; add one.")
+    return ids
+
+
+def set_special_token_ids(
+    config: Any, tokenizer: Any, *, need_mask: bool = False, source: str = "the tokenizer"
+) -> None:
+    """Write :func:`tokenizer_special_ids` into ``config``, logging each id that changes.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> config = SimpleNamespace(bos_token_id=0, eos_token_id=2, pad_token_id=1)
+        >>> bert = SimpleNamespace(bos_token_id=None, eos_token_id=None, cls_token_id=101, sep_token_id=102,
+        ...                        pad_token_id=0, mask_token_id=103)
+        >>> set_special_token_ids(config, bert)
+        >>> config.bos_token_id, config.eos_token_id, config.pad_token_id, config.mask_token_id
+        (101, 102, 0, 103)
+    """
+    for name, value in tokenizer_special_ids(tokenizer, need_mask=need_mask, source=source).items():
+        if getattr(config, name, None) != value:
+            logger.info("config.%s: %s -> %s (from %s)", name, getattr(config, name, None), value, source)
+            setattr(config, name, value)
+
+
+def keep_special_token_ids(tokenizer: Any, *, need_mask: bool = False) -> transformers.TrainerCallback:
+    """A ``TrainerCallback`` that writes :func:`tokenizer_special_ids` into the model's config when training starts.
+
+    Some transformers versions (5.13) make ``Trainer.train`` align the config's ``bos`` / ``eos`` ids with the
+    tokenizer's ``bos_token_id`` / ``eos_token_id``, which are None for BERT-style tokenizers; BEiT-3 uses their
+    ``[CLS]`` / ``[SEP]`` there (captioning's ``generate`` starts from ``bos_token_id``).
+    """
+
+    class KeepSpecialTokenIds(transformers.TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            if model is not None:
+                set_special_token_ids(model.config, tokenizer, need_mask=need_mask)
+
+    return KeepSpecialTokenIds()
+
+
+def load_processor(model_args: ModelArguments, *, task: str, image_size: int, max_length: int) -> Any:
+    """The ``Beit3Processor`` of a run, from the first of:
+
+    1. ``--sentencepiece_model``: ``beit3.spm`` (or another sentencepiece model), converted with the original ids;
+    2. ``--tokenizer_name_or_path``: any tokenizer ``AutoTokenizer`` loads (a folder or Hub id), e.g. a BERT
+       WordPiece one; one without ``<s>`` / ``</s>`` uses its ``[CLS]`` / ``[SEP]`` (a one-line notice says so);
+    3. ``--model_name_or_path``: the checkpoint folder's own processor (``AutoProcessor``).
+
+    In cases 1 and 2 the image side is the vision-language eval transform of ``task`` at ``image_size``; in every
+    case texts are padded / truncated to ``max_length`` tokens.
+    """
+    from ..conversion.tokenizer import load_sentencepiece_tokenizer, processor_for_task
+
+    if model_args.sentencepiece_model is not None:
+        tokenizer = load_sentencepiece_tokenizer(model_args.sentencepiece_model, max_length=max_length)
+    elif model_args.tokenizer_name_or_path is not None:
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                model_args.tokenizer_name_or_path, trust_remote_code=model_args.trust_remote_code
+            )
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"--tokenizer_name_or_path {model_args.tokenizer_name_or_path}: no tokenizer there ({error})."
+            ) from error
+        tokenizer.model_max_length = max_length
+        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+            ids = tokenizer_special_ids(
+                tokenizer, source=f"--tokenizer_name_or_path {model_args.tokenizer_name_or_path}"
+            )
+            logger.warning(
+                "The tokenizer has no <s> / </s>: BEiT-3 uses its %s / %s (ids %d / %d) as begin / end tokens.",
+                tokenizer.cls_token, tokenizer.sep_token, ids["bos_token_id"], ids["eos_token_id"],
+            )  # fmt: skip
+    elif model_args.model_name_or_path is not None:
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(
+                model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+            )
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"{model_args.model_name_or_path} has no processor ({error}); pass --sentencepiece_model beit3.spm or "
+                "--tokenizer_name_or_path."
+            ) from error
+        if not hasattr(processor, "tokenizer"):
+            raise ValueError(
+                f"{model_args.model_name_or_path} holds an image processor only; pass --sentencepiece_model or "
+                "--tokenizer_name_or_path."
+            )
+        processor.max_length = max_length
+        return processor
+    else:
+        raise ValueError(
+            "No tokenizer: pass --sentencepiece_model (beit3.spm), --tokenizer_name_or_path, or a checkpoint folder."
+        )
+    return processor_for_task(tokenizer, task=task, image_size=image_size, max_length=max_length)
+
+
+def fit_text_vocabulary(model: Any, tokenizer: Any, *, need_mask: bool = False) -> None:
+    """Make `model` take every id of `tokenizer`, and take its special-token ids from it.
+
+    A tokenizer with more ids than the model's text embeddings (a Chinese WordPiece vocabulary on an English
+    checkpoint, ...) grows them with `resize_token_embeddings` (new rows drawn around the mean of the old ones, as
+    transformers does; a captioning head grows with them), and the mismatch is logged: no id can index past the
+    table. A smaller vocabulary keeps the table (unused rows, as `beit3.spm`'s 64002 ids in 64010 rows).
+
+    Example:
+        >>> from beit3_hf import Beit3Config, Beit3ForImageTextRetrieval
+        >>> from transformers import BertTokenizer
+        >>> import tempfile, pathlib
+        >>> vocab = pathlib.Path(tempfile.mkdtemp()) / "vocab.txt"
+        >>> _ = vocab.write_text("\\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"一只猫坐在窗台上"]))
+        >>> model = Beit3ForImageTextRetrieval(Beit3Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...     intermediate_size=64, image_size=32, patch_size=16, vocab_size=8, max_position_embeddings=16))
+        >>> fit_text_vocabulary(model, BertTokenizer(str(vocab)))
+        >>> model.config.vocab_size, model.get_input_embeddings().num_embeddings, model.config.bos_token_id
+        (13, 13, 2)
+    """
+    size = len(tokenizer)
+    rows = model.get_input_embeddings().num_embeddings
+    if size > rows:
+        logger.warning(
+            "The tokenizer has %d ids but the model's text embeddings only %d rows: resizing them to %d (new rows "
+            "start around the mean of the others).",
+            size, rows, size,
+        )  # fmt: skip
+        model.resize_token_embeddings(size, mean_resizing=rows > 1)
+    elif size < rows:
+        logger.info(
+            "The tokenizer has %d ids, the model's text embeddings %d rows: %d rows unused.", size, rows, rows - size
+        )
+    set_special_token_ids(model.config, tokenizer, need_mask=need_mask)
+
+
+def train_image_transform(
+    image_size: int, *, min_crop_scale: float = 0.5, hflip: bool = True, randaug: bool = False
+) -> Any:
+    """The original vision-language training transform: random resized crop (scale ``min_crop_scale``-1, bicubic;
+    1.0 only resizes), horizontal flip, optional RandAugment (torchvision's, 2 ops at magnitude 7, standing in for
+    the original's BLIP RandomAugment), then mean = std = 0.5.
+
+    The original flips VQA and NLVR2 images too, although "left" / "right" in a question then change meaning.
+
+    Example:
+        >>> from PIL import Image
+        >>> train_image_transform(32, min_crop_scale=1.0, hflip=False)(Image.new("RGB", (50, 40))).shape
+        torch.Size([3, 32, 32])
+    """
+    from torchvision import transforms
+
+    bicubic = transforms.InterpolationMode.BICUBIC
+    if not 0.0 < min_crop_scale <= 1.0:
+        raise ValueError(f"--min_crop_scale must be in (0, 1], got {min_crop_scale}.")
+    if min_crop_scale < 1.0:
+        steps: list[Any] = [
+            transforms.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), interpolation=bicubic)
+        ]
+    else:
+        steps = [transforms.Resize((image_size, image_size), interpolation=bicubic)]
+    if hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    if randaug:
+        steps.append(transforms.RandAugment(num_ops=2, magnitude=7))
+    steps += [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
+    return transforms.Compose(steps)

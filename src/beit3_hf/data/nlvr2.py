@@ -1,0 +1,214 @@
+"""NLVR2 as released: JSON Lines statement files (``nlvr2/data/{train,dev,test1}.json``) and image-pair folders.
+
+Each line holds ``identifier`` (``"train-10171-0-0"``: set, pair, sentence), ``sentence``, ``label`` (``"True"`` /
+``"False"``) and, for training, ``directory``. The pair's images are ``IMAGE_DIR/[directory/]{set-pair}-img0.png``
+(left) and ``-img1.png`` (right), the layout of the original BEiT-3 recipe (``get_started_for_nlvr2.md``)::
+
+    DATA_DIR/images/train/0/train-11670-0-img0.png
+    DATA_DIR/dev/dev-269-0-img0.png
+    DATA_DIR/test1/test1-261-0-img0.png
+
+- :func:`load_nlvr2`: the examples of one file, with errors naming the file and line, and missing images listed;
+- :func:`nlvr2_dataset`: a ``datasets.Dataset`` of them for a ``Trainer`` pipeline;
+- :class:`PairRowDecoder`: decodes both images of each row, replacing a training row whose left or right image
+  cannot be decoded (as :class:`beit3_hf.data.ImageRowDecoder` does for one image);
+- :func:`nlvr2_accuracy`: the original's accuracy (fraction of statements whose arg-max class is the label).
+
+Library code (never shipped in a checkpoint folder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .loaders import UndecodableImageError, check_images_exist, open_image
+
+__all__ = [
+    "DEFAULT_IMAGE_DIRS",
+    "Nlvr2Example",
+    "PairRowDecoder",
+    "load_nlvr2",
+    "nlvr2_accuracy",
+    "nlvr2_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Image folder of each NLVR2 split relative to the data folder, as the original recipe lays them out.
+DEFAULT_IMAGE_DIRS = {"train": "images/train", "dev": "dev", "test1": "test1"}
+
+
+@dataclass(frozen=True)
+class Nlvr2Example:
+    """One statement about a pair of images; ``label`` is 1 for ``"True"``, 0 for ``"False"``, None if unlabelled.
+
+    Example:
+        >>> Nlvr2Example("dev-1-0-0", "One image has a dog.", 1, "dev/dev-1-0-img0.png", "dev/dev-1-0-img1.png").label
+        1
+    """
+
+    identifier: str
+    sentence: str
+    label: int | None
+    left_image: str
+    right_image: str
+
+
+def _label(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return int(value.strip().lower() == "true")
+    raise ValueError(f'{where}: \'label\' must be "True" or "False", got {value!r}')
+
+
+def load_nlvr2(
+    path: str | os.PathLike[str], image_dir: str | os.PathLike[str], *, check_images: bool = True
+) -> list[Nlvr2Example]:
+    """Read an NLVR2 statement file (JSON Lines; a JSON list is accepted too) and locate each pair's images.
+
+    The pair of ``identifier`` ``"{set}-{pair}-{image set}-{sentence}"`` is
+    ``image_dir/[directory/]{set}-{pair}-{image set}-img0.png`` and ``-img1.png``, as the original index builder
+    reads them. A missing ``label`` gives unlabelled examples (prediction only). Errors name the file and line;
+    missing images are listed up front.
+
+    Example:
+        >>> import json, tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "dev.json").write_text(json.dumps(
+        ...     {"identifier": "dev-7-1-0", "sentence": "There are two dogs.", "label": "False"}) + "\\n")
+        >>> ex = load_nlvr2(d / "dev.json", d / "dev", check_images=False)[0]
+        >>> ex.label, pathlib.Path(ex.left_image).name, pathlib.Path(ex.right_image).name
+        (0, 'dev-7-1-img0.png', 'dev-7-1-img1.png')
+    """
+    path, image_dir = Path(path), Path(image_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            items = [(f"{path}: item {i}", item) for i, item in enumerate(json.loads(text))]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
+    else:
+        items = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: invalid JSON line: {err.msg}") from err
+    examples = []
+    for where, item in items:
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected an object, got {type(item).__name__}")
+        identifier, sentence = item.get("identifier"), item.get("sentence")
+        if not isinstance(identifier, str) or identifier.count("-") < 3:
+            raise ValueError(f"{where}: 'identifier' must look like 'train-10171-0-0', got {identifier!r}")
+        if not isinstance(sentence, str) or not sentence.strip():
+            raise ValueError(f"{where} ({identifier}): no 'sentence' text")
+        folder = image_dir / str(item["directory"]) if "directory" in item else image_dir
+        stem = folder / "-".join(identifier.split("-")[:-1])
+        examples.append(
+            Nlvr2Example(
+                identifier,
+                sentence.strip(),
+                _label(item.get("label"), f"{where} ({identifier})"),
+                f"{stem}-img0.png",
+                f"{stem}-img1.png",
+            )
+        )
+    if not examples:
+        raise ValueError(f"{path}: no statements")
+    if check_images:
+        images = sorted({p for e in examples for p in (e.left_image, e.right_image)})
+        check_images_exist(images, source=f"{path} (images in {image_dir})")
+    return examples
+
+
+def nlvr2_dataset(examples: Sequence[Nlvr2Example]) -> Any:
+    """A ``datasets.Dataset``: ``identifier``, ``sentence``, ``label`` (-1 when unlabelled), ``left`` and ``right``
+    (image paths). Transform it lazily with ``.with_transform``."""
+    import datasets
+
+    if not examples:
+        raise ValueError("no NLVR2 examples")
+    return datasets.Dataset.from_dict(
+        {
+            "identifier": [e.identifier for e in examples],
+            "sentence": [e.sentence for e in examples],
+            "label": [-1 if e.label is None else e.label for e in examples],
+            "left": [e.left_image for e in examples],
+            "right": [e.right_image for e in examples],
+        }
+    )
+
+
+class PairRowDecoder:
+    """Decode the ``left`` and ``right`` images of a batch of rows; during training, replace a row either of whose
+    images cannot be decoded by another row (drawn deterministically from the file's name) and record it.
+
+    ``__call__(batch)`` returns ``(batch, pairs, skipped)``: the batch with replaced rows, ``(left, right)`` RGB image
+    pairs and one ``{"file", "error"}`` record per undecodable image, the contract of
+    :class:`beit3_hf.data.ImageRowDecoder` (so :func:`beit3_hf.data.transform_with_skipping` applies). With
+    ``skip=False`` (evaluation) the first undecodable image raises ``UndecodableImageError`` naming it.
+    """
+
+    def __init__(
+        self, rows: Any, columns: tuple[str, str] = ("left", "right"), *, skip: bool = True, max_attempts: int = 16
+    ):
+        self.rows = rows
+        self.columns = columns
+        self.skip = skip
+        self.max_attempts = max_attempts
+
+    def __call__(self, batch: dict[str, list]) -> tuple[dict[str, list], list[tuple[Image.Image, Image.Image]], list]:
+        keys = list(batch)
+        batch = {key: list(values) for key, values in batch.items()}
+        pairs: list[tuple[Image.Image, Image.Image]] = []
+        skipped: list[dict[str, str]] = []
+        for i in range(len(batch[keys[0]])):
+            first = str(batch[self.columns[0]][i])
+            for draw in range(self.max_attempts + 1):
+                try:
+                    pairs.append(tuple(open_image(batch[column][i]) for column in self.columns))  # type: ignore[arg-type]
+                    break
+                except UndecodableImageError as error:
+                    if not self.skip:
+                        raise
+                    skipped.append({"file": str(error).split(": ", 1)[0], "error": str(error)})
+                    logger.warning("Skipping an undecodable training image: %s", error)
+                row = self.rows[random.Random(f"{first}:{draw + 1}").randrange(len(self.rows))]
+                for key in keys:
+                    batch[key][i] = row[key]
+            else:
+                raise UndecodableImageError(
+                    f"{self.max_attempts} replacement draws found no decodable image pair; e.g. "
+                    + "; ".join(r["error"] for r in skipped[-3:])
+                )
+        return batch, pairs, skipped
+
+
+def nlvr2_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The original's NLVR2 accuracy as a fraction: arg-max class equals the label.
+
+    Example:
+        >>> round(nlvr2_accuracy(torch.tensor([[0.2, 0.9], [1.0, -1.0], [0.0, 2.0]]), torch.tensor([1, 1, 1])), 4)
+        0.6667
+    """
+    if logits.shape[0] != labels.shape[0] or logits.shape[0] == 0:
+        raise ValueError(f"need as many labels as logits rows (> 0); got {logits.shape[0]} and {labels.shape[0]}.")
+    return int((logits.argmax(dim=-1) == labels.view(-1)).sum()) / labels.numel()

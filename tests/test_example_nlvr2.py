@@ -59,7 +59,9 @@ def script_args(paths, spm, output_dir, *extra: str, model: str = TINY) -> list[
 def test_loader_reads_the_nlvr2_layout_and_balances_labels(data):
     paths, _ = data
     train = load_nlvr2(paths.statements("train"), paths.data_dir / "images" / "train")
-    assert len(train) == 16 and sum(e.label for e in train) == 8  # one true and one false statement per pair
+    in_file = [json.loads(line)["label"] for line in paths.statements("train").read_text().splitlines()]
+    assert len(train) == 16 and [e.label for e in train] == [int(label == "True") for label in in_file]
+    assert {e.label for e in train} == {0, 1}
     first = train[0]
     assert first.identifier == "train-0-0-0" and first.left_image.endswith("images/train/0/train-0-0-img0.png")
     assert first.right_image.endswith("train-0-0-img1.png") and Path(first.right_image).is_file()
@@ -101,7 +103,8 @@ def test_pair_decoder_replaces_a_row_with_an_undecodable_image(data, tmp_path):
     rows = nlvr2_dataset(examples)
     batch, pairs, skipped = PairRowDecoder(rows)(rows[:2])
     assert len(pairs) == 2 and all(image.mode == "RGB" for pair in pairs for image in pair)
-    assert batch["right"][0] != str(broken) and [r["file"] for r in skipped] == [str(broken)]
+    # Replacement rows are drawn at random (seeded by the row): a draw may hit the broken row again before another.
+    assert batch["right"][0] != str(broken) and {r["file"] for r in skipped} == {str(broken)}
     with pytest.raises(Exception, match="broken.png"):
         PairRowDecoder(rows, skip=False)(rows[:1])
 
@@ -175,16 +178,11 @@ def test_two_processes_with_gradient_checkpointing(data, tmp_path):
     assert fresh_accuracy(output, paths, tmp_path)["accuracy"] == pytest.approx(results["eval_accuracy"], abs=1e-9)
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    reason="Not reached yet: from scratch, a small model stays at the label prior (0.5): it learns labels that depend "
-    "on the image only or on the statement only within 150 steps, not their comparison; see examples/nlvr2/README.md.",
-    strict=False,
-)
+@pytest.mark.slow  # a few CPU minutes per case
 @pytest.mark.parametrize("processes", [1, 2])
 def test_learns_from_scratch(tmp_path, processes):
     """Hidden 128, 4 layers, 64 px, from scratch on the CPU: dev accuracy well above chance (0.5, balanced)."""
-    paths = write_synthetic_nlvr2(tmp_path / "data", num_train_pairs=1000, num_dev_pairs=100, num_test_pairs=1)
+    paths = write_synthetic_nlvr2(tmp_path / "data", num_train_pairs=2000, num_dev_pairs=100, num_test_pairs=1)
     spm = train_sentencepiece(tmp_path, statements(paths), model_type="bpe", vocab_size=100)
     output = tmp_path / "out"
     run_script(
@@ -202,4 +200,4 @@ def test_learns_from_scratch(tmp_path, processes):
     assert results["eval_accuracy"] >= 0.8
 
 
-LEARNING_STEPS = 600
+LEARNING_STEPS = 400

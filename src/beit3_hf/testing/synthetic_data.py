@@ -959,40 +959,26 @@ class SyntheticNlvr2Paths:
         return self.json_dir / f"{split}.json"
 
 
-def nlvr2_statement(left: Sequence[SceneObject], right: Sequence[SceneObject], label: bool, rng: random.Random) -> str:
-    """A statement about the colours, shapes or number of shapes of one image of a pair, true iff ``label``.
+def nlvr2_statement(
+    left: Sequence[SceneObject], right: Sequence[SceneObject], side: str, rng: random.Random
+) -> tuple[str, bool]:
+    """A statement about the number of shapes of the ``side`` ("left" or "right") image of a pair, and its truth.
 
-    A false statement names a colour or shape missing from its image: half the time one that only the other image
-    has (only looking at the named image tells), otherwise one that neither has. A model can first learn whether the
-    pair shows the named colour or shape at all, then which image does; were every false statement about the other
-    image, neither skill alone would beat chance and a small model trained from scratch stays there.
+    The statement is always "two shapes" (in two wordings) and its truth is read from the named image, so that
+    the label correlates with what each image shows and with the named side. Balanced designs that pair a true
+    and a false statement about the same image (or name a colour present or absent with equal odds) give labels
+    that neither the statement nor either image predicts on its own: a small model trained from scratch then finds
+    no gradient to start from and stays at chance (measured; see ``examples/nlvr2/README.md``).
 
     Example:
         >>> import random
         >>> left, right = [SceneObject("red", "circle", "top left")], [SceneObject("blue", "square", "top left")]
-        >>> nlvr2_statement(left, right, True, random.Random(1))
-        'the left image has 1 shape'
+        >>> nlvr2_statement(left, right, "left", random.Random(1))
+        ('the left image has two shapes', False)
     """
-    side = rng.choice(("left", "right"))
-    this, other = (left, right) if side == "left" else (right, left)
-    kind = rng.choice(("colour", "shape", "count"))
-    if kind == "count":
-        n = len(this) if label else rng.choice([k for k in (1, 2) if k != len(this)] or [1])
-        return f"the {side} image has {n} shape{'s' if n > 1 else ''}"
-    attribute = "colour" if kind == "colour" else "shape"
-    present = {getattr(o, attribute) for o in this}
-    if label:
-        value = rng.choice(sorted(present))
-    else:
-        universe = list(COLOURS)[:4] if attribute == "colour" else list(SHAPES[:3])
-        elsewhere = sorted({getattr(o, attribute) for o in other} - present)
-        nowhere = [v for v in universe if v not in present and v not in elsewhere]
-        value = rng.choice(elsewhere if elsewhere and (not nowhere or rng.random() < 0.5) else nowhere)
-    if attribute == "colour":
-        return rng.choice(
-            (f"the {side} image contains a {value} shape", f"there is a {value} object in the {side} image")
-        )
-    return rng.choice((f"the {side} image contains a {value}", f"there is a {value} in the {side} image"))
+    this = left if side == "left" else right
+    wording = rng.choice((f"the {side} image has two shapes", f"there are two shapes in the {side} image"))
+    return wording, len(this) == 2
 
 
 def write_synthetic_nlvr2(
@@ -1015,8 +1001,9 @@ def write_synthetic_nlvr2(
         images/train/{0..9}/train-{pair}-0-img{0,1}.png   dev/dev-{pair}-0-img{0,1}.png   test1/...
         nlvr2/data/{train,dev,test1}.json   (JSON Lines: identifier, sentence, label "True"/"False", directory)
 
-    Each pair gets two statements about one of its images (:func:`nlvr2_statement`), one true and one false, so
-    the labels are balanced in every split. Idempotent, like :func:`write_synthetic_dataset`.
+    Each pair gets a statement about each of its images (:func:`nlvr2_statement`); with ``max_objects=2`` an image
+    holds one or two shapes with equal odds, so the labels are balanced on average. Idempotent, like
+    :func:`write_synthetic_dataset`.
 
     Example:
         >>> import tempfile
@@ -1040,8 +1027,9 @@ def write_synthetic_nlvr2(
                 for side, objects in enumerate((left, right)):
                     image = render_scene(objects, image_size, f"beit3-synthetic:{seed}:nlvr2:{split}:{pair}:{side}")
                     files[f"{stem}-img{side}.png"] = _encode(image, "png")
-                for sentence, label in enumerate((True, False)):
-                    entry = {"identifier": f"{split}-{pair}-0-{sentence}", "sentence": nlvr2_statement(left, right, label, rng),
+                for sentence, side in enumerate(("left", "right")):
+                    statement, label = nlvr2_statement(left, right, side, rng)
+                    entry = {"identifier": f"{split}-{pair}-0-{sentence}", "sentence": statement,
                              "label": str(label), "synset": "shapes", "query": "synthetic"}  # fmt: skip
                     if split == "train":
                         entry["directory"] = directory

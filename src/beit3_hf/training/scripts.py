@@ -376,13 +376,11 @@ def write_model_card(
     tags: Sequence[str] = (),
     license: str = "mit",
     dataset: str | Sequence[str] | None = None,
-    **unused: Any,
 ) -> None:
     """Write `--output_dir/README.md` with `beit3_hf.model_card` (Hub metadata, the task's usage snippet, the base
     model, `results` as a table, `description`, the training hyperparameters); on the main process only.
 
-    The task (pipeline tag, snippet) follows the trained model's class (`card_task`). `unused` takes the
-    `Trainer.create_model_card` arguments the scripts used to pass (`tasks`, ...)."""
+    The task (pipeline tag, snippet) follows the trained model's class (`card_task`)."""
     if not trainer.is_world_process_zero():
         return
     model = trainer.accelerator.unwrap_model(trainer.model)

@@ -47,20 +47,23 @@ test: $(VENV)/.test-installed
 test-all: $(VENV)/.test-installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The compatibility environments take torch / torchvision from the lock (no second multi-GB download) and let pip
-# resolve the rest around the transformers under test.
-.venv-floor/.installed: pyproject.toml $(LOCK)
+# The compatibility environments use the main environment's torch stack (scripts/share_torch.py: links, not a second
+# and third 5.5 GB copy, which ran a CI machine out of disk) pinned by the lock, and let pip resolve the rest around
+# the transformers under test.
+.venv-floor/.installed: pyproject.toml $(LOCK) $(VENV)/.test-installed
 	rm -rf .venv-floor && $(PYTHON) -m venv .venv-floor
 	.venv-floor/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(PY) scripts/share_torch.py .venv-floor
 	grep -E '^(torch|torchvision)==' $(LOCK) > .venv-floor/torch.txt
 	.venv-floor/bin/python -m pip install -q -c .venv-floor/torch.txt -e ".[test]" "transformers==$(TRANSFORMERS_FLOOR)"
 	.venv-floor/bin/python -m pip install -q --no-deps --no-build-isolation $(ORACLE)
 	.venv-floor/bin/python $(FETCH_COMMON_TESTS)
 	touch $@
 
-.venv-latest/.installed: pyproject.toml $(LOCK)
+.venv-latest/.installed: pyproject.toml $(LOCK) $(VENV)/.test-installed
 	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(PY) scripts/share_torch.py .venv-latest
 	touch $@
 
 test-compat: .venv-floor/.installed .venv-latest/.installed

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -236,8 +237,17 @@ def run_example(script: Path, args: list[str], tmp_path: Path, processes: int = 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(script), *args] if processes == 1 else accelerate_launch(script, args, processes)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if processes > 1 and result.returncode != 0 and GLOO_EXIT_ABORT in result.stderr:
+        # A rare abort of one gloo process at interpreter exit, after the run finished (seen about once in 50 runs
+        # under load, never alone; `_destroy_process_group` in training/scripts.py is the mitigation): rerun once,
+        # loudly, so that it stays visible in the test report without failing CI.
+        warnings.warn(f"{script.name}: a process aborted at exit ({GLOO_EXIT_ABORT!r}); rerunning once", stacklevel=2)
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 
 def fresh_json(code: str, tmp_path: Path, folder: Path, payload) -> dict:

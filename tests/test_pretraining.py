@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,10 +18,10 @@ from beit3_hf.conversion import checkpoint as convert
 from beit3_hf.testing.synthetic_data import write_synthetic_dataset
 
 from oracle_utils import (
-    accelerate_launch,
     load_example_script,
     original_checkpoint,
     read_fixture,
+    run_example,
     run_fresh_python,
 )
 
@@ -181,13 +179,8 @@ def test_run_mim_as_two_processes(images, tmp_path):
     """`accelerate launch` with 2 gloo processes: each rank trains on its half of the images, rank 0 saves."""
     output_dir = tmp_path / "ddp"
     args = [*mim_args(images, output_dir, "--mim_target", "pixels"), "--max_steps", "2", "--gradient_checkpointing"]
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        accelerate_launch(ROOT / "examples" / "pretraining" / "run_mim.py", args, 2),
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    run = run_example(ROOT / "examples" / "pretraining" / "run_mim.py", args, tmp_path, processes=2, timeout=300)
     output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-5000:]
     for rank in (0, 1):
         assert f"Process rank: {rank}, world size: 2, device: cpu" in output, output[-5000:]
     state = json.loads((output_dir / "trainer_state.json").read_text())

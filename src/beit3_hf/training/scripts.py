@@ -23,6 +23,7 @@ Library code for the example scripts (never shipped in a checkpoint folder).
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import logging
 import os
@@ -197,6 +198,10 @@ def check_distributed_launch(training_args: TrainingArguments) -> None:
 
 
 def _destroy_process_group() -> None:
+    # Free the run's objects first, while the interpreter is fully alive: cyclic garbage (the trainer, DDP's reducer
+    # and the gloo work it holds) otherwise dies during interpreter finalization, where a gloo work's tensors
+    # cannot take the GIL and the process aborts.
+    gc.collect()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

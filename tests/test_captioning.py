@@ -62,11 +62,11 @@ def test_cached_steps_equal_the_full_forward(model):
 
 
 def test_mask_slot_decoding_equals_the_full_forward(model):
-    """The original scheme: feed [token, <mask>], read the <mask> slot, drop its cache entry, repeat."""
+    """The original scheme: feed [token, <mask>], read the <mask> slot (never cached), repeat."""
     pixel_values = images(2)
     tokens = torch.tensor([[0, 17, 33, 51], [0, 44, 45, 46]])
     with torch.no_grad():
-        cache = Beit3KeyValueCache()
+        cache = Beit3KeyValueCache(transient_tokens=1)
         predicted = []
         step_ids = torch.tensor([[0, MASK]] * 2)
         for position in range(1, tokens.shape[1] + 1):
@@ -77,7 +77,6 @@ def test_mask_slot_decoding_equals_the_full_forward(model):
                 use_cache=True,
             ).logits
             predicted.append(logits[:, 1])
-            cache.drop_last(1)
             if position < tokens.shape[1]:
                 step_ids = torch.stack([tokens[:, position], torch.full((2,), MASK)], dim=1)
         for position, logits in enumerate(predicted, start=1):
@@ -136,6 +135,134 @@ def test_generation_errors(model):
     with pytest.raises(ValueError, match="cannot follow a filled past_key_values"):
         out = model(pixel_values=images(1), input_ids=torch.tensor([[0, MASK]]), use_cache=True)
         model(pixel_values=images(1), input_ids=torch.tensor([[5]]), past_key_values=out.past_key_values)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers' GenerationMixin (original_beam_search=False)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def greedy_by_full_forward(model: Beit3ForCaptioning, pixel_values: torch.Tensor, prompt: torch.Tensor, steps: int):
+    """Greedy decoding without a cache: the whole `[prompt + generated, <mask>]` sequence at every step."""
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            step = torch.cat([ids, torch.full((ids.shape[0], 1), MASK)], dim=1)
+            next_token = model(pixel_values=pixel_values, input_ids=step).logits[:, -1].argmax(-1)
+            ids = torch.cat([ids, next_token[:, None]], dim=1)
+    return ids
+
+
+def test_new_models_carry_the_original_recipe(model, tmp_path):
+    config = model.generation_config
+    assert (config.num_beams, config.max_length, config.length_penalty) == (3, 30, 0.6)  # 30: the position table
+    assert config.original_beam_search is True and model.can_generate()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert {key: saved[key] for key in ("num_beams", "max_length", "length_penalty", "original_beam_search")} == {
+        "num_beams": 3, "max_length": 30, "length_penalty": 0.6, "original_beam_search": True,
+    }  # fmt: skip
+    assert not {"repetition_penalty", "min_length", "no_repeat_ngram_size", "do_sample"} & set(saved)
+    assert Beit3ForCaptioning.from_pretrained(tmp_path).generation_config.original_beam_search is True
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_decoding_is_the_argmax_at_the_mask_slot(model, use_cache):
+    pixel_values = images(3, seed=9)
+    with torch.no_grad():
+        model.lm_head.bias[model.config.eos_token_id] -= 100  # no early end: every row decodes all steps
+        try:
+            generated = model.generate(
+                pixel_values, original_beam_search=False, num_beams=1, max_new_tokens=6, use_cache=use_cache
+            )
+            expected = greedy_by_full_forward(model, pixel_values, torch.zeros(3, 1, dtype=torch.long), 6)
+        finally:
+            model.lm_head.bias[model.config.eos_token_id] += 100
+    assert generated.tolist() == expected.tolist()
+
+
+def test_greedy_continues_a_prompt(model):
+    pixel_values, prompt = images(2), torch.tensor([[0, 17, 33], [0, 44, 45]])
+    with torch.no_grad():
+        model.lm_head.bias[model.config.eos_token_id] -= 100
+        try:
+            generated = model.generate(
+                pixel_values, input_ids=prompt, original_beam_search=False, max_new_tokens=4, num_beams=1
+            )
+            expected = greedy_by_full_forward(model, pixel_values, prompt, 4)
+        finally:
+            model.lm_head.bias[model.config.eos_token_id] += 100
+    assert generated.tolist() == expected.tolist()
+
+
+def test_empty_prompts_are_the_plain_caption(model):
+    """The processor's `<s> </s> <pad>...` for text="", or (batch, 0) ids, change nothing."""
+    pixel_values = images(2)
+    processor_ids = torch.tensor([[0, 2, 1, 1], [0, 2, 1, 1]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0]])
+    for kwargs in ({}, {"original_beam_search": False, "num_beams": 1, "max_new_tokens": 5}):
+        plain = model.generate(pixel_values, **kwargs)
+        assert model.generate(pixel_values, input_ids=processor_ids, attention_mask=mask, **kwargs).tolist() == (
+            plain.tolist()
+        )
+        assert model.generate(pixel_values, input_ids=torch.zeros(2, 0, dtype=torch.long), **kwargs).tolist() == (
+            plain.tolist()
+        )
+
+
+def test_sampling_streaming_and_generation_config(model):
+    from transformers import GenerationConfig
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.tokens = []
+
+        def put(self, value):
+            self.tokens.extend(value.flatten().tolist())
+
+        def end(self):
+            self.tokens.append("end")
+
+    pixel_values = images(1)
+    torch.manual_seed(1)
+    first = model.generate(pixel_values, original_beam_search=False, do_sample=True, max_new_tokens=8, top_k=0)
+    torch.manual_seed(1)
+    again = model.generate(pixel_values, original_beam_search=False, do_sample=True, max_new_tokens=8, top_k=0)
+    assert first.tolist() == again.tolist() and first[0, 0] == model.config.bos_token_id
+    streamer = Collect()
+    streamed = model.generate(
+        pixel_values, original_beam_search=False, num_beams=1, max_new_tokens=5, streamer=streamer
+    )
+    assert streamer.tokens == [*streamed[0].tolist(), "end"]
+    greedy = GenerationConfig(num_beams=1, max_new_tokens=5, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    assert model.generate(pixel_values, generation_config=greedy).tolist() == streamed.tolist()
+    beams = model.generate(
+        pixel_values, original_beam_search=False, num_beams=3, num_return_sequences=2, max_new_tokens=5
+    )
+    assert beams.shape[0] == 2 and (beams[:, 0] == model.config.bos_token_id).all()
+
+
+def test_original_beam_search_refuses_what_it_cannot_do(model):
+    pixel_values = images(1)
+    for kwargs, named in [
+        ({"do_sample": True}, "do_sample"),
+        ({"num_return_sequences": 2}, "num_return_sequences"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"input_ids": torch.tensor([[0, 17]])}, "a prompt"),
+    ]:
+        with pytest.raises(ValueError, match=f"does not support {named}.*original_beam_search=False"):
+            model.generate(pixel_values, **kwargs)
+    with pytest.raises(ValueError, match="same length"):
+        model.generate(
+            images(2),
+            input_ids=torch.tensor([[0, 17, 2], [0, 2, 1]]),
+            attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
+        )
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        model.generate(pixel_values, original_beam_search=False, max_new_tokens=40)
+    output = model.generate(pixel_values, return_dict_in_generate=True)
+    assert output.sequences.tolist() == model.generate(pixel_values).tolist()
 
 
 def test_label_smoothing_zero_is_cross_entropy(model):

@@ -77,7 +77,7 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, pipeline
 
-folders = dict(zip(("image-classification", "retrieval", "vqa", "nlvr2"), sys.argv[1:]))
+folders = dict(zip(("image-classification", "retrieval", "vqa", "nlvr2", "captioning"), sys.argv[1:]))
 red, blue = Image.new("RGB", (50, 40), (200, 30, 30)), Image.new("RGB", (30, 60), (20, 40, 220))
 close = lambda a, b: torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-5)
 
@@ -118,14 +118,26 @@ model, out = direct("nlvr2", images=[(red, blue)], text=["one is red."])
 probabilities = out.logits[0].softmax(-1)
 assert verdict["label"] == model.config.id2label[int(probabilities.argmax())], verdict
 close(verdict["score"], probabilities.max().item())
+
+# image-text-to-text with an empty prompt: the caption of `generate` (the original beam search of the folder's
+# generation_config.json), and transformers' greedy search through generate_kwargs.
+captioner = pipeline("image-text-to-text", model=folders["captioning"], trust_remote_code=True)
+model = AutoModel.from_pretrained(folders["captioning"], trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folders["captioning"], trust_remote_code=True)
+for generate_kwargs in ({}, {"original_beam_search": False, "num_beams": 1, "max_new_tokens": 6}):
+    (caption,) = captioner(images=blue, text="", generate_kwargs=generate_kwargs)
+    ids = model.generate(**processor(images=blue, text="", return_tensors="pt"), **generate_kwargs)
+    assert caption["generated_text"] == processor.batch_decode(ids, skip_special_tokens=True)[0], caption
+    assert caption["generated_text"].strip(), "an empty caption proves nothing"
 print("pipelines equal the models")
 """
 
 
 def test_pipelines_equal_the_models(converted, tmp_path):
-    """transformers' image-classification and zero-shot-image-classification pipelines, and the folders' own
-    visual-question-answering and visual-reasoning pipelines, in a process without `beit3_hf`."""
-    folders = [str(converted[task][0]) for task in ("image-classification", "retrieval", "vqa", "nlvr2")]
+    """transformers' image-classification, zero-shot-image-classification and image-text-to-text pipelines, and
+    the folders' own visual-question-answering and visual-reasoning pipelines, in a process without `beit3_hf`."""
+    tasks = ("image-classification", "retrieval", "vqa", "nlvr2", "captioning")
+    folders = [str(converted[task][0]) for task in tasks]
     result = run_fresh_python(PIPELINES, tmp_path, args=tuple(folders))
     assert "pipelines equal the models" in result.stdout
 
@@ -200,10 +212,15 @@ def test_generate_equals_the_original_beam_search(converted, tmp_path, ending, n
     ]  # fmt: skip
     assert convert.main(args) == 0
     model = convert.TASK_CLASSES["captioning"].from_pretrained(folder).eval()
+    recipe = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    assert {key: recipe.get(key) for key in ("num_beams", "length_penalty", "original_beam_search")} == {
+        "num_beams": 3, "length_penalty": 0.6, "original_beam_search": True,
+    }  # fmt: skip
+    assert recipe["max_length"] == min(32, model.config.max_position_embeddings)
+    assert not {"repetition_penalty", "min_length", "no_repeat_ngram_size", "do_sample"} & set(recipe)
     max_length, mask = int(metadata["max_length"]), int(metadata["mask_token_id"])
-    generated = model.generate(
-        tensors["beams/pixel_values"], num_beams=num_beams, max_length=max_length, length_penalty=0.6
-    )
+    # The folder's generation_config.json (num_beams=3, length_penalty=0.6), with the fixture's beams and length.
+    generated = model.generate(tensors["beams/pixel_values"], num_beams=num_beams, max_length=max_length)
     expected = tensors[f"beams/{ending}/num_beams_{num_beams}"]
     # The original keeps the `<mask>` placeholder of the step that ended a caption in front of `</s>`; we return
     # `<s> tokens </s>` and padding.

@@ -524,8 +524,21 @@ def test_cache_has_the_transformers_cache_methods():
     assert (cache.get_seq_length(0), cache.get_seq_length(1), len(cache)) == (4, 3, 2)
     cache.reorder_cache(torch.tensor([1, 1]))
     assert torch.equal(cache.keys[1][0], keys[1]) and torch.equal(cache.values[1][1], values[1])
-    cache.drop_last(1)
-    assert (cache.get_seq_length(0), cache.get_seq_length(1)) == (3, 2)
+
+
+def test_cache_keeps_transient_tokens_out():
+    """Captioning's `<mask>` query slot is attended to in its step but never cached."""
+    cache = Beit3KeyValueCache(transient_tokens=1)
+    keys, values = torch.randn(2, 4, 3, 16), torch.randn(2, 4, 3, 16)
+    all_keys, _ = cache.update(keys, values, 0)
+    assert torch.equal(all_keys, keys) and cache.get_seq_length() == 2
+    all_keys, all_values = cache.update(keys[:, :, 2:], values[:, :, 2:], 0)
+    assert torch.equal(all_keys, torch.cat([keys[:, :, :2], keys[:, :, 2:]], dim=2)) and cache.get_seq_length() == 2
+    assert torch.equal(all_values[:, :, :2], values[:, :, :2])
+    with pytest.raises(ValueError, match="at least transient_tokens=1"):
+        cache.update(keys[:, :, :0], values[:, :, :0], 0)
+    with pytest.raises(ValueError, match="transient_tokens must be >= 0"):
+        Beit3KeyValueCache(transient_tokens=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -69,8 +69,9 @@ print(model(**inputs).logits.argmax(-1).item() == 1)  # True: the statement hold
 outputs = model(**inputs)  # mlm_logits over the vocabulary at every text token, mim_logits at every patch
 """,
     "captioning": _LOAD.format(auto_class="AutoModel", repo="{repo}")
-    + """ids = model.generate(processor(images=image, return_tensors="pt").pixel_values)  # the original beam search
+    + """ids = model.generate(**processor(images=image, return_tensors="pt"))  # original beam search: generation_config.json
 print(processor.batch_decode(ids, skip_special_tokens=True))
+# the same caption: pipeline("image-text-to-text", model=<this repo>, trust_remote_code=True)(images=image, text="")
 """,
     "masked-image-modeling": """from PIL import Image
 from transformers import AutoImageProcessor, AutoModel

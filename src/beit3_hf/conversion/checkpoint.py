@@ -24,7 +24,13 @@ import torch
 
 from ..model_card import write_model_card_file
 from ..models.beit3.configuration_beit3 import Beit3Config
-from ..models.beit3.modeling_beit3 import Beit3Model, Beit3PreTrainedModel, resize_patch_position_embeddings
+from ..models.beit3.modeling_beit3 import (
+    Beit3ForCaptioning,
+    Beit3Model,
+    Beit3PreTrainedModel,
+    captioning_generation_config,
+    resize_patch_position_embeddings,
+)
 from .tasks import BACKBONE_RULES, FAIRSEQ_POSITION_OFFSET, LAYER_PATTERN, TASKS, KeyRule
 from .tokenizer import load_sentencepiece_tokenizer, processor_for_task
 
@@ -458,6 +464,10 @@ def convert_to(folder: Path, args: argparse.Namespace) -> Beit3PreTrainedModel:
     if args.image_size is not None and args.image_size != model.config.image_size:
         model = resize_model(model, args.image_size)
     model = model.to(getattr(torch, args.dtype))
+    if isinstance(model, Beit3ForCaptioning):
+        # generation_config.json: the recipe's decoding with the original beam search (nothing else that would
+        # reorder tokens: no repetition penalty, no minimum length).
+        model.generation_config = captioning_generation_config(model.config)
     model.save_pretrained(folder)
     if tokenizer is not None:
         # The recipe's text length, within the model's position table (never pad beyond what the model takes).

@@ -38,8 +38,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutput,
@@ -133,15 +134,31 @@ class Beit3KeyValueCache:
 
     The methods have the names and signatures of transformers' `Cache` (`update`, `get_seq_length`,
     `reorder_cache`), but the class is our own: the `transformers` cache API changed inside the supported range
-    (5.13 to 5.24). `drop_last` forgets the `<mask>` query slot after each captioning step.
+    (5.13 to 5.24), and generation only needs these.
+
+    Args:
+        transient_tokens: how many positions at the end of each `update` are attended to in that step but not kept.
+            Captioning decodes at a `<mask>` query slot appended to every step's tokens (1 for its caches): the
+            slot's keys and values never enter the cache, so the next step feeds the chosen token in its place.
     """
 
-    def __init__(self) -> None:
+    # Read by `GenerationMixin`: no static shapes, no rollback of a step, no linear-attention layers.
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, transient_tokens: int = 0) -> None:
+        if transient_tokens < 0:
+            raise ValueError(f"transient_tokens must be >= 0, got {transient_tokens}.")
+        self.transient_tokens = transient_tokens
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * len(self.keys)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Number of cached tokens (image and text) of layer `layer_idx`."""
@@ -154,24 +171,29 @@ class Beit3KeyValueCache:
         layer_idx: int,
         cache_kwargs: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this step's keys/values of layer `layer_idx`; returns all keys/values of that layer."""
+        """Add this step's keys/values of layer `layer_idx`; returns the cached ones followed by this step's.
+
+        The last `transient_tokens` positions are returned but not kept (the kept part is a view: no copy).
+        """
+        if key_states.shape[2] < self.transient_tokens:
+            raise ValueError(
+                f"A step must feed at least transient_tokens={self.transient_tokens} tokens, got {key_states.shape[2]}."
+            )
         if layer_idx == len(self.keys):
-            self.keys.append(key_states)
-            self.values.append(value_states)
+            keys, values = key_states, value_states
+            self.keys.append(keys)
+            self.values.append(values)
         else:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=2)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=2)
-        return self.keys[layer_idx], self.values[layer_idx]
+            keys = torch.cat([self.keys[layer_idx], key_states], dim=2)
+            values = torch.cat([self.values[layer_idx], value_states], dim=2)
+        kept = keys.shape[2] - self.transient_tokens
+        self.keys[layer_idx], self.values[layer_idx] = keys[:, :, :kept], values[:, :, :kept]
+        return keys, values
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Keep (and reorder) the batch rows `beam_idx`, e.g. the surviving beams."""
         self.keys = [key.index_select(0, beam_idx.to(key.device)) for key in self.keys]
         self.values = [value.index_select(0, beam_idx.to(value.device)) for value in self.values]
-
-    def drop_last(self, num_tokens: int = 1) -> None:
-        """Forget the last `num_tokens` positions of every layer (the `<mask>` slot of a captioning step)."""
-        self.keys = [key[:, :, :-num_tokens] for key in self.keys]
-        self.values = [value[:, :, :-num_tokens] for value in self.values]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1352,14 +1374,52 @@ class Beit3ForVisualReasoning(Beit3PreTrainedModel):
         )
 
 
-class Beit3ForCaptioning(Beit3PreTrainedModel):
+def captioning_generation_config(config: Beit3Config) -> GenerationConfig:
+    """The original recipe's decoding (`--num_beams 3 --num_max_bpe_tokens 32 --length_penalty 0.6`, with the
+    original beam search) for `config`'s token ids, `max_length` capped by its text position table."""
+    return GenerationConfig(
+        num_beams=3,
+        max_length=min(32, config.max_position_embeddings),
+        length_penalty=0.6,
+        original_beam_search=True,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+
+
+# Generation settings that change what a search returns but that the original beam search does not have, with
+# their neutral values (None also counts as neutral: transformers versions differ in which defaults they spell out).
+_NOT_IN_ORIGINAL_SEARCH = {
+    "do_sample": False, "num_return_sequences": 1, "num_beam_groups": 1, "diversity_penalty": 0.0,
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "bad_words_ids": None,
+    "force_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "exponential_decay_length_penalty": None,
+    "renormalize_logits": False, "stop_strings": None, "max_time": None, "early_stopping": False,
+    "watermarking_config": None, "output_scores": False, "output_logits": False, "output_attentions": False,
+    "output_hidden_states": False,
+}  # fmt: skip
+
+
+def _generation_cache_name() -> str:
+    """The model keyword under which `GenerationMixin` keeps the cache: `past_key_values` up to transformers 5.23,
+    `cache` from 5.24 on (the first of `ALL_CACHE_NAMES` in both)."""
+    from transformers.generation import utils as generation_utils
+
+    return getattr(generation_utils, "ALL_CACHE_NAMES", ["past_key_values"])[0]
+
+
+class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
     r"""BEiT-3 image captioning: a causal text decoder on top of the image, trained by masked language modelling.
 
     Training (as the original): `input_ids` is the caption with some tokens replaced by `<mask>`, `labels` holds the
     original token at those positions and -100 elsewhere; text sees the image and earlier text, the image sees only
     itself (the base model with `text_attention="causal"`). The loss is the original's label-smoothed KL (`config.label_smoothing`, 0.1 by default) averaged over the
     labelled tokens. `generate` decodes with the original's scheme: `[<s>, <mask>]` after the image, then
-    `[last token, <mask>]` steps with cached keys and values, predicting at the `<mask>` slot.
+    `[last token, <mask>]` steps with cached keys and values, predicting at the `<mask>` slot; by default with the
+    original beam search, with `original_beam_search=False` through transformers' `GenerationMixin` (greedy,
+    sampling, streaming...).
 
     Example:
 
@@ -1376,11 +1436,16 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
     torch.Size([1, 5, 100])
     >>> model.generate(torch.randn(2, 3, 32, 32), num_beams=3, max_length=6).shape[0]
     2
+    >>> sampled = model.generate(torch.randn(1, 3, 32, 32), original_beam_search=False, do_sample=True, max_new_tokens=4)
+    >>> sampled.shape[0], int(sampled[0, 0]) == config.bos_token_id
+    (1, True)
 
     ```
     """
 
     _task_auto_class = "AutoModelForImageTextToText"
+    # `GenerationMixin` reads the prompt from `main_input_name`; the images travel as a model keyword.
+    main_input_name = "input_ids"
 
     def __init__(self, config: Beit3Config) -> None:
         _require_text_experts(config, type(self).__name__)
@@ -1388,6 +1453,8 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
         self.beit3 = Beit3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.post_init()
+        # The original recipe, unless `from_pretrained` finds a `generation_config.json`.
+        self.generation_config = captioning_generation_config(config)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -1395,8 +1462,8 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
     @can_return_tuple
     def forward(
         self,
-        pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         past_key_values: Beit3KeyValueCache | None = None,
@@ -1408,8 +1475,9 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
     ) -> Beit3CaptioningOutput:
         r"""
         Args:
+            input_ids: (batch, text_len) caption tokens (with `<mask>` at the positions to predict when training);
+                first, as `GenerationMixin` expects of its `main_input_name`.
             pixel_values: (batch, channels, height, width) images; omit them when continuing from `past_key_values`.
-            input_ids: (batch, text_len) caption tokens (with `<mask>` at the positions to predict when training).
             attention_mask: (batch, text_len), 1 for tokens to attend to and 0 for padding.
             labels: (batch, text_len) target ids at the predicted positions, -100 elsewhere.
             past_key_values: cache of earlier steps; the new text continues at the next position.
@@ -1467,33 +1535,160 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
         smoothed.scatter_(1, targets[:, None], 1.0 - smoothing)
         return F.kl_div(F.log_softmax(logits, dim=-1), smoothed, reduction="none").sum(dim=-1).mean()
 
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # `generate` brings a `Beit3KeyValueCache` of its own, which never stores the `<mask>` slot
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        cache: Beit3KeyValueCache | None = None,
+        past_key_values: Beit3KeyValueCache | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """One `GenerationMixin` step, the original's: the new tokens followed by a `<mask>` query slot.
+
+        The first step feeds the image and the whole prompt, later ones the last chosen token; the cache holds the
+        image and every token but the last (`transient_tokens=1` keeps the slot out of it), and the `<mask>` slot's
+        logits (`logits[:, -1]`) predict the next token. Without a cache every step starts again from the image.
+        """
+        cache = cache if cache is not None else past_key_values  # its name depends on the transformers version
+        first_step = cache is None or cache.get_seq_length() == 0
+        new_ids = input_ids if first_step else input_ids[:, -1:]
+        mask_slot = new_ids.new_full((new_ids.shape[0], 1), self.config.mask_token_id)
+        return {
+            "pixel_values": pixel_values if first_step else None,
+            "input_ids": torch.cat([new_ids, mask_slot], dim=1),  # (batch, new + 1)
+            "past_key_values": cache,
+            "use_cache": cache is not None,
+            "text_position_offset": input_ids.shape[1] - new_ids.shape[1],
+            "interpolate_pos_encoding": interpolate_pos_encoding,
+            "output_attentions": output_attentions,
+            "output_hidden_states": output_hidden_states,
+        }
+
     @torch.no_grad()
     def generate(
         self,
-        pixel_values: torch.Tensor,
-        num_beams: int = 3,
-        max_length: int | None = None,
-        max_new_tokens: int | None = None,
-        length_penalty: float = 0.6,
-        interpolate_pos_encoding: bool = False,
-    ) -> torch.LongTensor:
-        """Caption images with the original BEiT-3 beam search; returns (batch, length) ids `<s> ... </s>` + padding.
+        pixel_values: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> torch.LongTensor | ModelOutput:
+        """Caption images; returns (batch, length) ids `<s> ... </s>` followed by padding.
 
-        Args:
-            pixel_values: (batch, channels, height, width) images.
-            num_beams: beams per image (3 in the original recipes); 1 decodes with a single beam.
-            max_length: the original's `num_max_bpe_tokens` (default 32, or `config.max_position_embeddings` if
-                smaller), which counts the `<mask>` slot of the last
-                step: captions have at most `max_length - 1` tokens, `<s>` and `</s>` included.
-            max_new_tokens: alternatively, the most tokens generated after `<s>` (`</s>` included):
-                `max_length = max_new_tokens + 2`.
-            length_penalty: a finished caption of `n` generated tokens (its `</s>` included) scores
-                `sum of log-probabilities / (n + 1) ** length_penalty`: the original counts `<s>` in the length.
+        Two searches, chosen by `original_beam_search` (a `generation_config` attribute, or a keyword here):
 
-        Decoding follows the original `CaptioningHandler.eval_batch`: 3 candidates per beam, a caption ends at
-        `</s>` or at `max_length`, search stops for an image once no open beam can beat its best caption.
+        - `True` (the default of new and converted models, whose `generation_config` is the original recipe:
+          `num_beams=3, max_length=32, length_penalty=0.6`): the original beam search of
+          `CaptioningHandler.eval_batch`, token for token. It reads `num_beams`, `max_length` (the original's
+          `num_max_bpe_tokens`, which counts the `<mask>` slot of the last step: captions have at most
+          `max_length - 1` tokens, `<s>` and `</s>` included) or `max_new_tokens` (`max_length = max_new_tokens +
+          2`) and `length_penalty`; it refuses every other generation setting (sampling, streamers, penalties...).
+        - `False`: transformers' `GenerationMixin.generate`, with every decoding strategy and option it has
+          (greedy, sampling, its own beam search, `streamer`, `GenerationConfig`), one `[last token, <mask>]` step
+          at a time. `max_length` counts the tokens returned, `<s>` included; `num_beams=1, do_sample=False` is
+          greedy decoding. Its beam search is not the original's: it keeps `2 * num_beams` candidates per step
+          (the original `3 * num_beams`), divides a finished caption's score by (generated tokens) **
+          `length_penalty` (the original also counts `<s>`), and at `max_length` keeps the unfinished captions
+          (the original drops the candidate of its last step).
+
+        `input_ids` (optional) is a prompt that the caption continues, one length for the whole batch; the
+        processor's `</s>` and padding are dropped, so an empty prompt (`processor(images=..., text="")`) is the
+        plain caption. The original beam search takes no prompt.
         """
-        max_length = self._generation_length(pixel_values, num_beams, max_length, max_new_tokens)
+        if pixel_values is None:
+            raise ValueError("generate() needs pixel_values: the images to caption.")
+        check_pixel_values(pixel_values)
+        if self.config.mask_token_id is None:
+            raise ValueError("config.mask_token_id is not set: captioning decodes at the tokenizer's <mask> slot.")
+        if kwargs.get("max_length") is not None and kwargs.get("max_new_tokens") is not None:
+            raise ValueError("Pass max_length or max_new_tokens, not both.")
+        prompt = self._generation_prompt(
+            pixel_values, kwargs.pop("input_ids", None), kwargs.pop("attention_mask", None)
+        )
+        merged = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        unused = merged.update(**{key: value for key, value in kwargs.items() if key != "original_beam_search"})
+        original = kwargs.pop("original_beam_search", getattr(merged, "original_beam_search", False))
+        if original:
+            return self._original_beam_search(pixel_values, prompt, merged, unused)
+        max_length = merged.max_length if merged.max_new_tokens is None else prompt.shape[1] + merged.max_new_tokens
+        if max_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"max_length={max_length} exceeds max_position_embeddings={self.config.max_position_embeddings}."
+            )
+        cache_name = _generation_cache_name()
+        if merged.use_cache and kwargs.get(cache_name) is None:
+            kwargs[cache_name] = Beit3KeyValueCache(transient_tokens=1)
+        return super().generate(
+            input_ids=prompt, pixel_values=pixel_values, generation_config=generation_config, **kwargs
+        )
+
+    def _generation_prompt(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> torch.LongTensor:
+        """The caption prefix (batch, prompt_len), `<s>` first: the prompt without the processor's `</s>` and padding."""
+        batch_size, bos = pixel_values.shape[0], self.config.bos_token_id
+        if input_ids is None or (isinstance(input_ids, torch.Tensor) and input_ids.numel() == 0):
+            return torch.full((batch_size, 1), bos, dtype=torch.long, device=pixel_values.device)
+        check_input_ids(input_ids, self.config.vocab_size)
+        if input_ids.dim() != 2 or input_ids.shape[0] != batch_size:
+            raise ValueError(
+                f"input_ids must be (batch={batch_size}, prompt_len), got shape {tuple(input_ids.shape)}."
+            )
+        if attention_mask is not None:
+            check_attention_mask(attention_mask)
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}."
+                )
+            length = int(attention_mask[0].sum())
+            if not bool(attention_mask[:, :length].all()) or bool(attention_mask[:, length:].any()):
+                raise ValueError(
+                    "Prompts must all have the same length (attention_mask: ones, then padding); caption prompts of "
+                    "different lengths in separate calls."
+                )
+            input_ids = input_ids[:, :length]
+        if input_ids.shape[1] > 0 and bool((input_ids[:, -1] == self.config.eos_token_id).all()):
+            input_ids = input_ids[:, :-1]  # the processor's `</s>`: the caption continues the prompt instead
+        starts = input_ids[:, 0] == bos if input_ids.shape[1] > 0 else torch.zeros(batch_size, dtype=torch.bool)
+        if not bool(starts.all()):
+            if bool(starts.any()):
+                raise ValueError("Either every prompt starts with <s> (bos_token_id) or none does.")
+            input_ids = torch.cat([input_ids.new_full((batch_size, 1), bos), input_ids], dim=1)
+        return input_ids.to(pixel_values.device)
+
+    def _original_beam_search(
+        self,
+        pixel_values: torch.Tensor,
+        prompt: torch.LongTensor,
+        generation_config: GenerationConfig,
+        model_kwargs: dict[str, Any],
+    ) -> torch.LongTensor:
+        """The original `CaptioningHandler.eval_batch`: 3 candidates per beam, a caption ends at `</s>` or at
+        `max_length`, search stops for an image once no open beam can beat its best caption."""
+        unsupported = [
+            name
+            for name, neutral in _NOT_IN_ORIGINAL_SEARCH.items()
+            if getattr(generation_config, name, None) not in (neutral, None)
+        ]
+        unsupported += sorted(
+            key for key, value in model_kwargs.items() if value is not None and key != "interpolate_pos_encoding"
+        )
+        if prompt.shape[1] > 1:
+            unsupported.append("a prompt (input_ids)")
+        if unsupported:
+            raise ValueError(
+                f"The original beam search (original_beam_search=True) does not support {', '.join(unsupported)}; "
+                "pass original_beam_search=False to decode with transformers' generation."
+            )
+        num_beams, length_penalty = generation_config.num_beams, generation_config.length_penalty
+        if not isinstance(num_beams, int) or num_beams < 1:
+            raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}.")
+        max_length = self._original_max_length(generation_config.max_length, generation_config.max_new_tokens)
         config = self.config
         batch_size, vocab_size = pixel_values.shape[0], config.vocab_size
         device = pixel_values.device
@@ -1506,14 +1701,14 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
         beam_scores = beam_scores.view(-1)
         best: list[tuple[float, list[int]] | None] = [None] * batch_size
         done = [False] * batch_size
-        cache = Beit3KeyValueCache()
+        cache = Beit3KeyValueCache(transient_tokens=1)  # the <mask> slot is never cached
         for length in range(2, max_length):  # `length`: tokens of a caption finished at this step, counting <s>
             logits = self(
                 pixel_values=images if length == 2 else None,
                 input_ids=step_ids,
                 past_key_values=cache,
                 use_cache=True,
-                interpolate_pos_encoding=interpolate_pos_encoding,
+                interpolate_pos_encoding=model_kwargs.get("interpolate_pos_encoding", False),
                 text_position_offset=length - 2,  # the cache holds the image and the caption but its last token
                 return_dict=True,
             ).logits[:, 1]  # the <mask> slot predicts the next token
@@ -1548,31 +1743,20 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
             rows = torch.tensor([beam[2] for beam in next_beams], device=device)
             sequences = torch.cat([sequences[rows], tokens[:, None]], dim=1)
             cache.reorder_cache(rows)
-            cache.drop_last(1)  # forget the <mask> slot: the next step feeds the chosen token in its place
             step_ids = torch.stack([tokens, torch.full_like(tokens, config.mask_token_id)], dim=1)
         captions = [[*caption, config.eos_token_id] for _, caption in best]
         output = torch.full((batch_size, max(map(len, captions))), config.pad_token_id, dtype=torch.long)
         for example, caption in enumerate(captions):
             output[example, : len(caption)] = torch.tensor(caption)
+        if generation_config.return_dict_in_generate:  # as transformers' searches return it, without scores
+            return GenerateDecoderOnlyOutput(sequences=output.to(device))
         return output.to(device)
 
-    def _generation_length(
-        self, pixel_values: torch.Tensor | None, num_beams: int, max_length: int | None, max_new_tokens: int | None
-    ) -> int:
-        if pixel_values is None:
-            raise ValueError("generate() needs pixel_values: the images to caption.")
-        check_pixel_values(pixel_values)
-        if not isinstance(num_beams, int) or num_beams < 1:
-            raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}.")
-        if self.config.mask_token_id is None:
-            raise ValueError("config.mask_token_id is not set: captioning decodes at the tokenizer's <mask> slot.")
-        if max_length is not None and max_new_tokens is not None:
-            raise ValueError("Pass max_length or max_new_tokens, not both.")
-        asked = f"max_length={max_length}" if max_new_tokens is None else f"max_new_tokens={max_new_tokens}"
+    def _original_max_length(self, max_length: int | None, max_new_tokens: int | None) -> int:
         if max_new_tokens is not None:
-            max_length = max_new_tokens + 2  # <s> and the <mask> slot of the last step
-        if max_length is None:  # the original recipe's 32, within the position table of small models
-            max_length = min(32, self.config.max_position_embeddings)
+            asked, max_length = f"max_new_tokens={max_new_tokens}", max_new_tokens + 2  # <s>, the last <mask> slot
+        else:
+            asked = f"max_length={max_length}"
         if max_length < 4:
             # With max_length=3 the original's search can only return `<s> </s>`: the token predicted at the
             # length limit is dropped.

@@ -651,7 +651,7 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         )
     if not _checking_values():
         return
-    low, high = int(input_ids.min()), int(input_ids.max())
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync for both
     if low < 0 or high >= vocab_size:
         raise ValueError(
             f"input_ids holds token id {low if low < 0 else high}, outside the model's vocabulary [0, {vocab_size}). "
@@ -660,12 +660,20 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         )
 
 
-def check_attention_mask(attention_mask: torch.Tensor) -> None:
-    """1 = attend, 0 = padding, the first token attended: the mistakes of code ported from the original are named."""
+def check_attention_mask(attention_mask: torch.Tensor) -> bool:
+    """1 = attend, 0 = padding, the first token attended: the mistakes of code ported from the original are named.
+
+    Returns whether the mask is all ones (no padding), found in the same host sync as the checks; False when values
+    are not checked (under torch.compile) or the mask is empty.
+    """
     check_tensor("attention_mask", attention_mask)
     if not _checking_values() or attention_mask.numel() == 0:
-        return
-    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        return False
+    binary = (attention_mask == 0) | (attention_mask == 1)
+    is_binary, first_attended, no_padding = torch.stack(
+        [binary.all(), attention_mask[:, 0].bool().all(), attention_mask.bool().all()]
+    ).tolist()
+    if not is_binary:
         if bool((attention_mask < 0).any()):
             raise ValueError(
                 "attention_mask holds negative values: it looks like an additive mask (0 = attend, -inf = masked). "
@@ -673,11 +681,12 @@ def check_attention_mask(attention_mask: torch.Tensor) -> None:
             )
         values = attention_mask.unique()[:6].tolist()
         raise ValueError(f"attention_mask must hold 1 (attend) and 0 (padding) only, got values {values}.")
-    if not bool(attention_mask[:, 0].all()):
+    if not first_attended:
         raise ValueError(
             "attention_mask is 0 at the first text token of some rows, which would mask `<s>`. The original BEiT-3 "
             "code takes `padding_mask` with the opposite convention (1 = pad); pass attention_mask = 1 - padding_mask."
         )
+    return no_padding
 
 
 def check_token_labels(labels: torch.Tensor, vocab_size: int) -> None:
@@ -872,8 +881,9 @@ class Beit3Model(Beit3PreTrainedModel):
         input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         past_length: int,
-    ) -> None:
-        """Raise a `ValueError` (or `TypeError`) naming the first inconsistent input."""
+    ) -> bool:
+        """Raise a `ValueError` (or `TypeError`) naming the first inconsistent input; return whether an
+        `attention_mask` was given that masks nothing (it can then be dropped)."""
         if pixel_values is None and input_ids is None:
             raise ValueError("Pass pixel_values, input_ids, or both.")
         if input_ids is not None and self.config.vision_only:
@@ -895,11 +905,12 @@ class Beit3Model(Beit3PreTrainedModel):
                     f"{tuple(input_ids.shape)}."
                 )
             if past_length == 0:
-                check_attention_mask(attention_mask)
-            if past_length > 0 and not bool(attention_mask.all()):
+                return check_attention_mask(attention_mask)
+            if _checking_values() and not bool(attention_mask.bool().all()):
                 raise ValueError("Padding is not supported when continuing from past_key_values.")
         if pixel_values is not None and past_length > 0:
             raise ValueError("pixel_values start a sequence: they cannot follow a filled past_key_values.")
+        return False
 
     def _embed(
         self,
@@ -966,8 +977,8 @@ class Beit3Model(Beit3PreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         past_length = 0 if past_key_values is None else past_key_values.get_seq_length()
-        self._check_inputs(pixel_values, input_ids, attention_mask, past_length)
-        if past_length > 0 or (attention_mask is not None and _checking_values() and bool(attention_mask.all())):
+        mask_without_padding = self._check_inputs(pixel_values, input_ids, attention_mask, past_length)
+        if past_length > 0 or mask_without_padding:
             # No padding (checked when continuing a cache): no mask, so that SDPA can pick its fastest kernel.
             attention_mask = None
         embeddings, split_position, key_mask = self._embed(

@@ -1626,11 +1626,9 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
         original = kwargs.pop("original_beam_search", getattr(merged, "original_beam_search", False))
         if original:
             return self._original_beam_search(pixel_values, prompt, merged, unused)
-        max_length = merged.max_length if merged.max_new_tokens is None else prompt.shape[1] + merged.max_new_tokens
-        if max_length > self.config.max_position_embeddings:
-            raise ValueError(
-                f"max_length={max_length} exceeds max_position_embeddings={self.config.max_position_embeddings}."
-            )
+        self._check_position_table(
+            merged.max_length if merged.max_new_tokens is None else prompt.shape[1] + merged.max_new_tokens
+        )
         cache_name = _generation_cache_name()
         if merged.use_cache and kwargs.get(cache_name) is None:
             kwargs[cache_name] = Beit3KeyValueCache(transient_tokens=1)
@@ -1775,11 +1773,15 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
                 f"{asked} is shorter than a caption: captions have at most max_length - 1 tokens and "
                 "need `<s>`, at least one token and `</s>` (max_length >= 4, max_new_tokens >= 2)."
             )
+        self._check_position_table(max_length)
+        return max_length
+
+    def _check_position_table(self, max_length: int) -> None:
+        """Both searches feed the last step's `<mask>` slot at text position `max_length - 1`."""
         if max_length > self.config.max_position_embeddings:
             raise ValueError(
                 f"max_length={max_length} exceeds max_position_embeddings={self.config.max_position_embeddings}."
             )
-        return max_length
 
     @staticmethod
     def _cannot_improve(

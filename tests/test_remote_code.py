@@ -67,3 +67,43 @@ def test_the_check_catches_bad_imports(tmp_path):
         "modeling_bad.py:6: imports from outside its folder (..conversion)",
         "modeling_bad.py:9: imports 'PIL.Image'",
     ]
+
+
+FSDP2_SAVE = """
+import json, os, sys
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from beit3_hf import Beit3Config, Beit3ForMaskedImageModeling
+
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=0, world_size=1)
+model = Beit3ForMaskedImageModeling(Beit3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                intermediate_size=48, image_size=32, patch_size=16, visual_vocab_size=8))
+for layer in model.beit3.encoder.layers:
+    fully_shard(layer)
+fully_shard(model)  # the class is now torch's dynamic FSDPBeit3ForMaskedImageModeling
+state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+model.save_pretrained(sys.argv[1], state_dict=state_dict)
+print(json.dumps({"class": type(model).__name__, "files": sorted(os.listdir(sys.argv[1])),
+                  "auto_map": json.load(open(os.path.join(sys.argv[1], "config.json")))["auto_map"]}))
+dist.destroy_process_group()
+"""
+
+
+def test_a_model_sharded_by_fsdp2_saves_its_own_code(tmp_path):
+    """`fully_shard` swaps the class for one defined in torch: the saved folder must still name and carry
+    modeling_beit3.py (it named torch's `_fsdp_init` module and copied torch's files)."""
+    import json
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run([sys.executable, "-c", FSDP2_SAVE, str(tmp_path / "out"), str(port)],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads(result.stdout.strip().splitlines()[-1])
+    assert saved["class"] == "FSDPBeit3ForMaskedImageModeling"  # still sharded after saving
+    assert saved["files"] == ["config.json", "configuration_beit3.py", "model.safetensors", "modeling_beit3.py"]
+    assert saved["auto_map"]["AutoModel"] == "modeling_beit3.Beit3ForMaskedImageModeling"

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import AutoModel
+from transformers import AutoModelForZeroShotImageClassification
 from transformers.trainer_utils import PredictionOutput, speed_metrics
 
 from beit3_hf import Beit3ForImageTextRetrieval
@@ -114,7 +114,9 @@ def build_model_and_processor(args: ModelArguments, max_text_length: int) -> tup
     special-token ids are the tokenizer's."""
     config = args.load_config()
     if args.model_name_or_path is not None:
-        model = AutoModel.from_pretrained(
+        # The task Auto class: a retrieval folder loads whole; a backbone, a pretraining folder (with its contrastive
+        # projections, from run_pretraining.py's itc) or another task's folder gives its backbone.
+        model = AutoModelForZeroShotImageClassification.from_pretrained(
             args.model_name_or_path,
             config=config,
             ignore_mismatched_sizes=args.ignore_mismatched_sizes,

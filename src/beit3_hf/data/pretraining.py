@@ -159,26 +159,30 @@ class DecodeFailures:
         (1, ['000000007.jpg'])
     """
 
-    def __init__(self, max_examples: int = 10, max_chars: int = 300) -> None:
+    def __init__(
+        self, max_examples: int = 10, max_chars: int = 300, what: str = "an image that cannot be decoded"
+    ) -> None:
         self.max_examples = max_examples
         self.max_chars = max_chars
+        self.what = what  # for the log: "skipping {what}: {name} ({error})"
         context = multiprocessing.get_context("spawn")  # spawn-context locks also work in forked workers
         self._count = context.Value("q", 0)
         self._text = context.Array("c", max(1, max_examples * max_chars), lock=False)  # guarded by _count's lock
 
     @classmethod
-    def _shared(cls, max_examples: int, max_chars: int, count: Any, text: Any) -> DecodeFailures:
+    def _shared(cls, max_examples: int, max_chars: int, what: str, count: Any, text: Any) -> DecodeFailures:
         failures = cls.__new__(cls)
         failures.max_examples = max_examples
         failures.max_chars = max_chars
+        failures.what = what
         failures._count = count
         failures._text = text
         return failures
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         if get_spawning_popen() is not None:  # starting a worker: share the memory
-            return DecodeFailures._shared, (self.max_examples, self.max_chars, self._count, self._text)
-        return DecodeFailures, (self.max_examples, self.max_chars)
+            return DecodeFailures._shared, (self.max_examples, self.max_chars, self.what, self._count, self._text)
+        return DecodeFailures, (self.max_examples, self.max_chars, self.what)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> DecodeFailures:
         return self
@@ -194,9 +198,9 @@ class DecodeFailures:
                 start = index * self.max_chars
                 self._text[start : start + self.max_chars] = entry.ljust(self.max_chars, b"\0")
         if index < self.max_examples:
-            logger.warning("skipping an image that cannot be decoded: %s (%s)", name, message)
+            logger.warning("skipping %s: %s (%s)", self.what, name, message)
         elif index == self.max_examples:
-            logger.warning("more images cannot be decoded; they are skipped and counted without a message each")
+            logger.warning("skipping more (%s); they are counted without a message each", self.what)
 
     @property
     def count(self) -> int:

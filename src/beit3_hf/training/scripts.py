@@ -72,7 +72,13 @@ __all__ = [
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _TRAINER_STATE = "trainer_state.json"
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",  # a PEFT (LoRA) run saves its adapter only
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,6 +196,12 @@ def check_distributed_launch(training_args: TrainingArguments) -> None:
             f"{os.environ['WORLD_SIZE']} processes were launched but they do not form a distributed group. On a "
             "machine without GPUs pass --use_cpu, e.g. `accelerate launch --multi_gpu --num_processes 2 "
             "script.py ... --use_cpu` (gloo)."
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and training_args.use_cpu:
+        # accelerate (1.15) turns FSDP on for GPU-like devices only and would quietly train with plain DDP here.
+        raise RuntimeError(
+            "An FSDP launch (accelerate config distributed_type: FSDP) with --use_cpu: accelerate runs FSDP on GPUs "
+            "only and would silently fall back to DDP. Use --multi_gpu on CPUs, or GPUs for FSDP."
         )
     if training_args.world_size > 1:
         # A process group still alive while the interpreter shuts down can abort a finished run ("terminate called

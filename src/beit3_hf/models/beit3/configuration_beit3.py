@@ -64,6 +64,9 @@ class Beit3Config(PretrainedConfig):
             with only its text keys (and the masked-image-modelling `mask_token`) unused. Such a model takes
             `pixel_values` only, and every parameter gets a gradient in a classification step, so plain DDP
             (`find_unused_parameters=False`) works.
+        contrastive_head: `Beit3ForPreTraining` also carries the image-text contrastive projections
+            (`vision_projection`, `text_projection`, `logit_scale`, named as `Beit3ForImageTextRetrieval`'s, which
+            therefore loads them from a pretraining folder). The released pretraining checkpoints have none.
         num_labels / id2label / label2id: classification labels (standard `PretrainedConfig` arguments).
         pad_token_id / bos_token_id / eos_token_id / mask_token_id: special token ids of the tokenizer
             (`<pad>`=1, `<s>`=0, `</s>`=2, `<mask>`=64001 for `beit3.spm`; the presets set it, and the converter
@@ -113,6 +116,7 @@ class Beit3Config(PretrainedConfig):
         mask_token_id: int | None = None,
         visual_vocab_size: int = 8192,
         vision_only: bool = False,
+        contrastive_head: bool = False,
         **kwargs: Any,
     ) -> None:
         self.hidden_size = hidden_size
@@ -135,6 +139,7 @@ class Beit3Config(PretrainedConfig):
         self.mask_token_id = mask_token_id
         self.visual_vocab_size = visual_vocab_size
         self.vision_only = vision_only
+        self.contrastive_head = contrastive_head
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
         # AutoModel picks the BEiT-3 class named by `architectures`; transformers cannot handle None there, so a
         # config that no model has been saved with names the base model.
@@ -179,8 +184,9 @@ class Beit3Config(PretrainedConfig):
                 raise ValueError(f"Beit3Config.{name} must be in [0, 1), got {value!r}.")
         if self.layer_norm_eps <= 0:
             raise ValueError(f"Beit3Config.layer_norm_eps must be positive, got {self.layer_norm_eps!r}.")
-        if not isinstance(self.vision_only, bool):
-            raise ValueError(f"Beit3Config.vision_only must be True or False, got {self.vision_only!r}.")
+        for name in ("vision_only", "contrastive_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Beit3Config.{name} must be True or False, got {getattr(self, name)!r}.")
 
     @property
     def head_dim(self) -> int:

@@ -758,6 +758,15 @@ class Beit3PreTrainedModel(PreTrainedModel):
         config. They are written when the class is registered as remote code (`register_for_auto_class`, done by
         `import beit3_hf` and by `trust_remote_code` loading), the case in which the code files are saved too.
         """
+        model_class = next(c for c in type(self).__mro__ if c.__module__ == __name__)
+        if model_class is not type(self):
+            # torch's `fully_shard` (FSDP2) swaps the class for a dynamic `FSDP<Class>` defined in a torch module;
+            # saved under it, `auto_map` would name that module and torch's files would be copied as the model code.
+            sharded_class, self.__class__ = type(self), model_class
+            try:
+                return self.save_pretrained(save_directory, *args, **kwargs)
+            finally:
+                self.__class__ = sharded_class
         if type(self)._auto_class is None:
             return super().save_pretrained(save_directory, *args, **kwargs)
         saved_fields = {"auto_map": self._auto_map()}
@@ -804,7 +813,7 @@ class Beit3PreTrainedModel(PreTrainedModel):
             init.zeros_(module.cls_token)
             if module.mask_token is not None:
                 init.zeros_(module.mask_token)
-        elif isinstance(module, Beit3ForImageTextRetrieval):
+        elif isinstance(module, (Beit3ForImageTextRetrieval, Beit3ForPreTraining)) and hasattr(module, "logit_scale"):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
 
 
@@ -1796,19 +1805,27 @@ class Beit3PreTrainingOutput(ModelOutput):
     """Output of `Beit3ForPreTraining`.
 
     Args:
-        loss: `mlm_loss + mim_loss` over the objectives that had labels.
+        loss: the sum of `mlm_loss`, `mim_loss` and `itc_loss` over the objectives computed.
         mlm_loss: mean cross-entropy of the text positions with `mlm_labels != -100`.
         mim_loss: mean cross-entropy of the masked patches with `mim_labels != -100`.
+        itc_loss: the image-text contrastive loss of the batch (`image_text_contrastive=True`).
         mlm_logits: (batch, text_len, vocab_size) scores of every text position (full length, not packed).
         mim_logits: (batch, num_patches, visual_vocab_size) scores of every patch (full length, not packed).
-        hidden_states / attentions: as `Beit3Model` returns them.
+        image_embeds / text_embeds: (batch, hidden_size) L2-normalised embeddings (`image_text_contrastive=True`).
+        logit_scale: `exp` of the learned temperature (`image_text_contrastive=True`).
+        hidden_states / attentions: as `Beit3Model` returns them (the fused image-text pass; none for the
+            contrastive pass, which encodes images and texts separately).
     """
 
     loss: torch.Tensor | None = None
     mlm_loss: torch.Tensor | None = None
     mim_loss: torch.Tensor | None = None
+    itc_loss: torch.Tensor | None = None
     mlm_logits: torch.Tensor | None = None
     mim_logits: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
@@ -1931,6 +1948,11 @@ class Beit3ForPreTraining(Beit3PreTrainedModel):
     without a target; `mlm_logits` / `mim_logits` are full length (every text position / every patch).
     `python -m beit3_hf.convert --task pretraining` converts `beit3_{base,large}_patch16_224.pth` with every key.
 
+    With `config.contrastive_head=True` the model also has `Beit3ForImageTextRetrieval`'s projections and
+    temperature, and `image_text_contrastive=True` encodes images and texts separately and gives their embeddings
+    and the contrastive loss of the batch (`itc_loss`); a pretraining folder then starts a retrieval model with
+    its projections.
+
     Example:
 
     ```python
@@ -1956,10 +1978,32 @@ class Beit3ForPreTraining(Beit3PreTrainedModel):
         self.beit3 = Beit3Model(config, use_mask_token=True)
         self.mlm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.mim_head = nn.Linear(config.hidden_size, config.visual_vocab_size)
+        if config.contrastive_head:  # the names of Beit3ForImageTextRetrieval's, so that it loads them
+            self.vision_projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+            self.text_projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+            self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.mlm_head
+
+    def _contrastive(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any
+    ) -> Beit3PreTrainingOutput:
+        """Images and texts encoded separately, as `Beit3ForImageTextRetrieval` does, and their contrastive loss."""
+        if not self.config.contrastive_head:
+            raise ValueError("image_text_contrastive=True needs a model built with config.contrastive_head=True.")
+        if pixel_values is None or input_ids is None:
+            raise ValueError("image_text_contrastive=True needs both pixel_values and input_ids.")
+        images = self.beit3(pixel_values=pixel_values, return_dict=True, **kwargs).last_hidden_state
+        texts = self.beit3(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        image_embeds = F.normalize(self.vision_projection(images[:, 0]), dim=-1)
+        text_embeds = F.normalize(self.text_projection(texts[:, 0]), dim=-1)
+        logit_scale = self.logit_scale.exp()
+        loss = image_text_contrastive_loss(logit_scale * image_embeds @ text_embeds.t())
+        return Beit3PreTrainingOutput(
+            loss=loss, itc_loss=loss, image_embeds=image_embeds, text_embeds=text_embeds, logit_scale=logit_scale
+        )
 
     @can_return_tuple
     def forward(
@@ -1970,6 +2014,7 @@ class Beit3ForPreTraining(Beit3PreTrainedModel):
         bool_masked_pos: torch.BoolTensor | None = None,
         mlm_labels: torch.Tensor | None = None,
         mim_labels: torch.Tensor | None = None,
+        image_text_contrastive: bool = False,
         interpolate_pos_encoding: bool = False,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -1982,7 +2027,15 @@ class Beit3ForPreTraining(Beit3PreTrainedModel):
             bool_masked_pos: (batch, num_patches), True where a patch is replaced by the mask token.
             mlm_labels: (batch, text_len) target token ids, -100 elsewhere.
             mim_labels: (batch, num_patches) target visual token ids, -100 elsewhere (only masked patches count).
+            image_text_contrastive: encode `pixel_values` and `input_ids` separately (pair i = image i, text i) and
+                return their embeddings and contrastive loss instead (needs `config.contrastive_head`).
         """
+        if image_text_contrastive:
+            if mlm_labels is not None or mim_labels is not None or bool_masked_pos is not None:
+                raise ValueError("image_text_contrastive=True takes no mlm_labels, mim_labels or bool_masked_pos.")
+            return self._contrastive(
+                pixel_values, input_ids, attention_mask, interpolate_pos_encoding=interpolate_pos_encoding
+            )
         if mlm_labels is not None and input_ids is None:
             raise ValueError("mlm_labels were given without input_ids.")
         if mim_labels is not None and pixel_values is None:

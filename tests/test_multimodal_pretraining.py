@@ -279,3 +279,16 @@ def test_lora_text_pretraining_keeps_vision_outputs_and_merges(data, tmp_path):
     result = run_fresh_python(code, tmp_path, args=(str(merged_dir), str(tmp_path / "expected.pt")))
     name, diff = result.stdout.split()[-2:]
     assert name == "Beit3ForPreTraining" and float(diff) <= 1e-5
+
+
+def test_image_mim_with_a_visual_tokenizer(data, tmp_path):
+    from beit3_hf import VqkdConfig, VqkdModel
+
+    torch.manual_seed(0)
+    VqkdModel(VqkdConfig(image_size=32, patch_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, codebook_size=16, codebook_dim=8)).save_pretrained(tmp_path / "vqkd")  # fmt: skip
+    args = [a for a in base_args(data, tmp_path / "run") if a not in ("--mim_target", "pixels")]
+    run_pretraining.main([*args, "--objectives", "image_mim", "--visual_tokenizer", str(tmp_path / "vqkd"),
+                          "--per_device_train_batch_size", "4", "--max_steps", "2", "--save_strategy", "no"])  # fmt: skip
+    assert all("image_mim_accuracy" in entry for entry in step_logs(tmp_path / "run").values())
+    assert Beit3ForPreTraining.from_pretrained(tmp_path / "run").config.visual_vocab_size == 16

@@ -19,14 +19,13 @@ The saved folder is a `Beit3ForMaskedImageModeling` checkpoint that
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModel, set_seed
+from transformers import set_seed
 
 import beit3_hf  # noqa: F401  (registers the BEiT-3 and visual tokenizer classes with the Auto classes)
 from beit3_hf import Beit3ForMaskedImageModeling, Beit3ImageProcessor
@@ -37,11 +36,13 @@ from beit3_hf.data.pretraining import (
     TwoViewTransform,
 )
 from beit3_hf.training.masking import BEIT_MASK_RATIO, BlockMaskingGenerator
+from beit3_hf.training.objectives import load_visual_tokenizer, mim_targets, visual_vocab_size
 from beit3_hf.training.scripts import (
     ScriptTrainingArguments,
     check_distributed_launch,
     load_config,
     parse_script_args,
+    report_training,
     resolve_checkpoint,
     save_final_model,
     setup_logging,
@@ -49,9 +50,6 @@ from beit3_hf.training.scripts import (
 from beit3_hf.training.trainer import Beit3Trainer
 
 logger = logging.getLogger(__name__)
-
-# The visual tokenizer model types and the view preset each needs (see beit3_hf.data.pretraining.TwoViewTransform).
-TOKENIZER_VIEWS = {"beit2_vqkd": "vqkd", "dall_e_dvae": "dall-e"}
 
 
 @dataclass
@@ -122,17 +120,8 @@ class MaskedImageModelingTrainer(Beit3Trainer):
         self.visual_tokenizer = visual_tokenizer.eval().requires_grad_(False) if visual_tokenizer else None
         self._accuracy_sum, self._accuracy_count = 0.0, 0
 
-    def mim_labels(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.visual_tokenizer is None:
-            return normalized_patches(inputs["pixel_values"], self.model.config.patch_size)
-        tokenizer_pixels = inputs["tokenizer_pixel_values"]
-        if next(self.visual_tokenizer.parameters()).device != tokenizer_pixels.device:
-            self.visual_tokenizer.to(tokenizer_pixels.device)
-        with torch.no_grad():
-            return self.visual_tokenizer.get_codebook_indices(tokenizer_pixels)  # (batch, num_patches)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = self.mim_labels(inputs)
+        labels = mim_targets(self.visual_tokenizer, inputs, self.model.config.patch_size)
         outputs = model(pixel_values=inputs["pixel_values"], bool_masked_pos=inputs["bool_masked_pos"], labels=labels)
         if not labels.is_floating_point() and model.training:
             with torch.no_grad():
@@ -149,17 +138,6 @@ class MaskedImageModelingTrainer(Beit3Trainer):
         super().log(logs, *args, **kwargs)
 
 
-def normalized_patches(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(batch, num_patches, patch_size**2 * channels) pixels of each patch, normalised to zero mean and unit variance
-    per patch (MAE's `norm_pix_loss`), row-major patch order and (row, column, channel) order inside a patch."""
-    batch, channels, height, width = pixel_values.shape
-    grid_h, grid_w = height // patch_size, width // patch_size
-    patches = pixel_values.reshape(batch, channels, grid_h, patch_size, grid_w, patch_size)
-    patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, grid_h * grid_w, -1)  # (batch, patches, p*p*c)
-    mean, var = patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
-    return (patches - mean) / (var + 1e-6).sqrt()
-
-
 def build_model(model_args: ModelArguments, visual_tokenizer: nn.Module | None) -> Beit3ForMaskedImageModeling:
     """The MIM model, with a head as wide as the targets: the tokenizer's codebook, or a patch's pixels."""
     overrides = [model_args.config_overrides or ""]
@@ -167,11 +145,7 @@ def build_model(model_args: ModelArguments, visual_tokenizer: nn.Module | None) 
         overrides.append(f"drop_path_rate={model_args.drop_path_rate}")
     source = model_args.model_name_or_path or model_args.config_name
     config = load_config(source, ",".join(filter(None, overrides)), trust_remote_code=model_args.trust_remote_code)
-    if visual_tokenizer is not None:  # VQ-KD names its codebook size `codebook_size`, the dVAE `vocab_size`
-        tokenizer_config = visual_tokenizer.config
-        config.visual_vocab_size = getattr(tokenizer_config, "codebook_size", None) or tokenizer_config.vocab_size
-    else:
-        config.visual_vocab_size = config.patch_size**2 * config.num_channels
+    config.visual_vocab_size = visual_vocab_size(visual_tokenizer, config)
     if model_args.model_name_or_path is None:
         return Beit3ForMaskedImageModeling(config)
     # A pretraining checkpoint's mim_head is kept when its vocabulary matches the targets; otherwise it starts fresh.
@@ -180,7 +154,7 @@ def build_model(model_args: ModelArguments, visual_tokenizer: nn.Module | None) 
     )
 
 
-def load_visual_tokenizer(model_args: ModelArguments) -> tuple[nn.Module | None, str | None]:
+def choose_visual_tokenizer(model_args: ModelArguments) -> tuple[nn.Module | None, str | None]:
     """(tokenizer model, its `TwoViewTransform` view preset), or (None, None) for pixel targets."""
     if model_args.mim_target == "pixels":
         if model_args.visual_tokenizer is not None:
@@ -188,14 +162,7 @@ def load_visual_tokenizer(model_args: ModelArguments) -> tuple[nn.Module | None,
         return None, None
     if model_args.visual_tokenizer is None:
         raise ValueError("--mim_target tokens needs --visual_tokenizer FOLDER (or use --mim_target pixels).")
-    tokenizer = AutoModel.from_pretrained(model_args.visual_tokenizer, trust_remote_code=model_args.trust_remote_code)
-    view = TOKENIZER_VIEWS.get(tokenizer.config.model_type)
-    if view is None:
-        raise ValueError(
-            f"--visual_tokenizer {model_args.visual_tokenizer} is a {tokenizer.config.model_type!r} model, not one "
-            f"of {sorted(TOKENIZER_VIEWS)}."
-        )
-    return tokenizer, view
+    return load_visual_tokenizer(model_args.visual_tokenizer, model_args.trust_remote_code)
 
 
 def build_dataset(data_args: DataArguments, transform: TwoViewTransform, training_args: ScriptTrainingArguments):
@@ -219,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     checkpoint = resolve_checkpoint(training_args)
     set_seed(training_args.seed)
 
-    visual_tokenizer, view = load_visual_tokenizer(model_args)
+    visual_tokenizer, view = choose_visual_tokenizer(model_args)
     model = build_model(model_args, visual_tokenizer)
     config = model.config
 
@@ -273,12 +240,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         "with examples/image-classification/run_image_classification.py --model_name_or_path.",
         tags=["beit3", "masked-image-modeling"],
     )
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-    if not math.isfinite(metrics.get("train_loss", 0.0)):
-        raise RuntimeError(f"the training loss is not finite: {metrics['train_loss']}")
-    return metrics
+    return report_training(trainer, metrics)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,11 @@ the same step with the same data. See `README.md` next to this file for recipes.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import AutoModel, set_seed
+from transformers import set_seed
 
 import beit3_hf  # noqa: F401  (registers the BEiT-3 and visual tokenizer classes with the Auto classes)
 from beit3_hf import Beit3ForPreTraining
@@ -47,7 +46,13 @@ from beit3_hf.data.mixture import (
 from beit3_hf.data.pretraining import DecodeFailures, TwoViewTransform
 from beit3_hf.training.lora import add_lora
 from beit3_hf.training.masking import BEIT_MASK_RATIO, BlockMaskingGenerator
-from beit3_hf.training.objectives import ObjectiveSchedule, PretrainingTrainer, parse_objectives
+from beit3_hf.training.objectives import (
+    ObjectiveSchedule,
+    PretrainingTrainer,
+    load_visual_tokenizer,
+    parse_objectives,
+    visual_vocab_size,
+)
 from beit3_hf.training.scripts import (
     ModelArguments,
     ScriptTrainingArguments,
@@ -55,15 +60,13 @@ from beit3_hf.training.scripts import (
     fit_text_vocabulary,
     load_processor,
     parse_script_args,
+    report_training,
     resolve_checkpoint,
     save_final_model,
     setup_logging,
 )
 
 logger = logging.getLogger(__name__)
-
-# The visual tokenizer model types and the view each needs (see beit3_hf.data.pretraining.TwoViewTransform).
-TOKENIZER_VIEWS = {"beit2_vqkd": "vqkd", "dall_e_dvae": "dall-e"}
 
 
 @dataclass
@@ -139,7 +142,7 @@ class LoraArguments:
     )
 
 
-def load_visual_tokenizer(
+def choose_visual_tokenizer(
     model_args: PretrainingModelArguments, objectives: dict[str, float]
 ) -> tuple[Any, str | None]:
     """(tokenizer model, its view preset) for image_mim with token targets, else (None, None)."""
@@ -151,14 +154,7 @@ def load_visual_tokenizer(
         raise ValueError(
             "image_mim with --mim_target tokens needs --visual_tokenizer FOLDER (or --mim_target pixels)."
         )
-    tokenizer = AutoModel.from_pretrained(model_args.visual_tokenizer, trust_remote_code=model_args.trust_remote_code)
-    view = TOKENIZER_VIEWS.get(tokenizer.config.model_type)
-    if view is None:
-        raise ValueError(
-            f"--visual_tokenizer {model_args.visual_tokenizer} is a {tokenizer.config.model_type!r} model, not one of "
-            f"{sorted(TOKENIZER_VIEWS)}."
-        )
-    return tokenizer, view
+    return load_visual_tokenizer(model_args.visual_tokenizer, model_args.trust_remote_code)
 
 
 def build_model(
@@ -170,11 +166,7 @@ def build_model(
     if "itc" in objectives:
         config.contrastive_head = True
     if "image_mim" in objectives:
-        if visual_tokenizer is None:
-            config.visual_vocab_size = config.patch_size**2 * config.num_channels
-        else:  # VQ-KD names its codebook size `codebook_size`, the dVAE `vocab_size`
-            tokenizer_config = visual_tokenizer.config
-            config.visual_vocab_size = getattr(tokenizer_config, "codebook_size", None) or tokenizer_config.vocab_size
+        config.visual_vocab_size = visual_vocab_size(visual_tokenizer, config)
     if model_args.model_name_or_path is None:
         return Beit3ForPreTraining(config)
     # Heads of another width (a mim_head for other targets) start afresh; missing heads (a task checkpoint) too.
@@ -275,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     checkpoint = resolve_checkpoint(training_args)
     set_seed(training_args.seed)
 
-    visual_tokenizer, view = load_visual_tokenizer(model_args, objectives)
+    visual_tokenizer, view = choose_visual_tokenizer(model_args, objectives)
     model = build_model(model_args, objectives, visual_tokenizer)
     processor = load_processor(
         model_args, task="retrieval", image_size=model.config.image_size, max_length=data_args.max_text_length
@@ -316,12 +308,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             "start any BEiT-3 task model.",
             tags=["beit3", "pretraining"],
         )
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-    if not math.isfinite(metrics.get("train_loss", 0.0)):
-        raise RuntimeError(f"the training loss is not finite: {metrics['train_loss']}")
-    return metrics
+    return report_training(trainer, metrics)
 
 
 if __name__ == "__main__":

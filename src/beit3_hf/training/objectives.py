@@ -34,11 +34,15 @@ from .trainer import Beit3Trainer, global_contrastive_loss
 
 __all__ = [
     "OBJECTIVES",
+    "TOKENIZER_VIEWS",
     "ObjectiveSchedule",
     "PretrainingTrainer",
+    "load_visual_tokenizer",
     "mask_tokens",
+    "mim_targets",
     "normalized_patches",
     "parse_objectives",
+    "visual_vocab_size",
     "word_starts",
 ]
 
@@ -181,6 +185,50 @@ def normalized_patches(pixel_values: torch.Tensor, patch_size: int) -> torch.Ten
     return (patches - mean) / (var + 1e-6).sqrt()
 
 
+#: The visual tokenizer model types and the tokenizer view each needs (`beit3_hf.data.pretraining.TwoViewTransform`).
+TOKENIZER_VIEWS: dict[str, str] = {"beit2_vqkd": "vqkd", "dall_e_dvae": "dall-e"}
+
+
+def load_visual_tokenizer(path: str, trust_remote_code: bool = False) -> tuple[nn.Module, str]:
+    """A converted VQ-KD or DALL-E folder (`beit3-convert-visual-tokenizer`) and its `TwoViewTransform` view preset.
+
+    Raises:
+        ValueError: the folder holds another kind of model.
+    """
+    from transformers import AutoModel
+
+    tokenizer = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+    view = TOKENIZER_VIEWS.get(tokenizer.config.model_type)
+    if view is None:
+        raise ValueError(
+            f"--visual_tokenizer {path} is a {tokenizer.config.model_type!r} model, not one of "
+            f"{sorted(TOKENIZER_VIEWS)}."
+        )
+    return tokenizer, view
+
+
+def visual_vocab_size(visual_tokenizer: nn.Module | None, config: Any) -> int:
+    """The width of `mim_head` for these targets: the tokenizer's codebook, or a patch's pixels."""
+    if visual_tokenizer is None:
+        return config.patch_size**2 * config.num_channels
+    tokenizer_config = visual_tokenizer.config  # VQ-KD names its codebook size `codebook_size`, the dVAE `vocab_size`
+    return getattr(tokenizer_config, "codebook_size", None) or tokenizer_config.vocab_size
+
+
+def mim_targets(
+    visual_tokenizer: nn.Module | None, inputs: Mapping[str, torch.Tensor], patch_size: int
+) -> torch.Tensor:
+    """The MIM targets of a batch: the visual tokenizer's codes of the tokenizer view (`tokenizer_pixel_values`,
+    computed under `no_grad`), or, without a tokenizer, the model view's patches normalised per patch."""
+    if visual_tokenizer is None:
+        return normalized_patches(inputs["pixel_values"], patch_size)
+    pixels = inputs["tokenizer_pixel_values"]
+    if next(visual_tokenizer.parameters()).device != pixels.device:
+        visual_tokenizer.to(pixels.device)
+    with torch.no_grad():
+        return visual_tokenizer.get_codebook_indices(pixels)  # (batch, num_patches)
+
+
 class PretrainingTrainer(Beit3Trainer):
     """`Beit3Trainer` for a mixture of objectives over `Beit3ForPreTraining` (or a PEFT model around one).
 
@@ -212,18 +260,6 @@ class PretrainingTrainer(Beit3Trainer):
         # Per objective: [sum of losses, steps, correct predictions, predictions] since the last log, this process.
         self._stats = torch.zeros(len(OBJECTIVES) + 1, 4, dtype=torch.float64)
 
-    # ---- targets ---------------------------------------------------------------------------------------------
-
-    def mim_labels(self, inputs: Mapping[str, torch.Tensor], patch_size: int) -> torch.Tensor:
-        """The visual tokenizer's codes of the tokenizer view, or the model view's normalised patches."""
-        if self.visual_tokenizer is None:
-            return normalized_patches(inputs["pixel_values"], patch_size)
-        pixels = inputs["tokenizer_pixel_values"]
-        if next(self.visual_tokenizer.parameters()).device != pixels.device:
-            self.visual_tokenizer.to(pixels.device)
-        with torch.no_grad():
-            return self.visual_tokenizer.get_codebook_indices(pixels)  # (batch, num_patches)
-
     def _global_share(self, loss: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """This process's share of the global-batch mean: `loss * count / global count * processes`, so that the
         mean over processes (logged, and what DDP's gradient averaging differentiates) is the global-batch mean."""
@@ -253,7 +289,7 @@ class PretrainingTrainer(Beit3Trainer):
                 own = torch.arange(len(best), device=best.device) + self.args.process_index * len(best)
                 correct, count = (best == own).sum(), torch.tensor(len(best))
         elif objective == "image_mim":
-            labels = self.mim_labels(inputs, config.patch_size)
+            labels = mim_targets(self.visual_tokenizer, inputs, config.patch_size)
             masked = inputs["bool_masked_pos"]
             outputs = model(pixel_values=inputs["pixel_values"], bool_masked_pos=masked, mim_labels=labels)
             count = masked.sum()

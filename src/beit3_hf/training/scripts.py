@@ -26,6 +26,7 @@ import atexit
 import gc
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -445,6 +446,17 @@ def save_final_model(trainer: transformers.Trainer, **model_card_kwargs: Any) ->
     """
     trainer.save_model()  # model.save_pretrained (with its code files) and processing_class.save_pretrained
     write_model_card(trainer, **model_card_kwargs)
+
+
+def report_training(trainer: transformers.Trainer, metrics: dict[str, float]) -> dict[str, float]:
+    """Log and save the training metrics (`train_results.json`) and the trainer state; a non-finite training loss
+    is an error (after the model was saved). Returns `metrics`."""
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    if not math.isfinite(metrics.get("train_loss", 0.0)):
+        raise RuntimeError(f"the training loss is not finite: {metrics['train_loss']}")
+    return metrics
 
 
 def run_stages(

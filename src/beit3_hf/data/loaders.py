@@ -57,6 +57,7 @@ __all__ = [
     "load_imagefolder",
     "load_karpathy_split",
     "open_image",
+    "read_json_items",
     "read_text",
     "retrieval_pair_dataset",
     "transform_with_skipping",
@@ -121,6 +122,34 @@ def read_text(path: Path) -> str:
             f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); re-encode it as UTF-8, e.g. with "
             "`iconv -f <its encoding> -t utf-8`."
         ) from err
+
+
+def read_json_items(path: Path) -> list[tuple[str, Any]]:
+    """``(location, item)`` of every item of a JSON list (``"file: item i"``) or JSON Lines file (``"file:line"``,
+    blank lines skipped); invalid JSON raises a `ValueError` naming the file and line.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "items.jsonl"
+        >>> _ = path.write_text('{"a": 1}\\n\\n"b"\\n')
+        >>> [(where.rsplit("/", 1)[-1], item) for where, item in read_json_items(path)]
+        [('items.jsonl:1', {'a': 1}), ('items.jsonl:3', 'b')]
+    """
+    text = read_text(path)
+    if text.lstrip().startswith("["):
+        try:
+            return [(f"{path}: item {i}", item) for i, item in enumerate(json.loads(text))]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
+    items = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append((f"{path}:{lineno}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: invalid JSON line: {err.msg}") from err
+    return items
 
 
 def _read_json(path: Path) -> Any:

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from ..training.objectives import OBJECTIVES, ObjectiveSchedule, mask_tokens, word_starts
-from .loaders import IMAGE_EXTENSIONS, load_caption_jsonl, load_karpathy_split, read_text
+from .loaders import IMAGE_EXTENSIONS, load_caption_jsonl, load_karpathy_split, read_json_items, read_text
 from .pretraining import DecodeFailures, TwoViewTransform, decode_image
 
 __all__ = ["PretrainingCollator", "PretrainingMixture", "list_image_files", "load_caption_texts", "load_pairs"]
@@ -62,20 +62,7 @@ def load_caption_texts(path: str | os.PathLike[str], skipped: DecodeFailures | N
         (['a red circle', 'a blue square'], 1)
     """
     path = Path(path)
-    text = read_text(path)
-    if text.lstrip().startswith("["):
-        try:
-            items = [(f"{path}: item {i}", item) for i, item in enumerate(json.loads(text))]
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from error
-    else:
-        items = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    items.append((f"{path}:{lineno}", json.loads(line)))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON line: {error.msg}") from error
+    items = read_json_items(path)
     captions = []
     for where, item in items:
         caption = item.get("caption", item.get("text")) if isinstance(item, dict) else item

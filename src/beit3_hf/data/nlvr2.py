@@ -19,7 +19,6 @@ Library code (never shipped in a checkpoint folder).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .loaders import UndecodableImageError, check_images_exist, open_image
+from .loaders import UndecodableImageError, check_images_exist, open_image, read_json_items
 
 __all__ = [
     "DEFAULT_IMAGE_DIRS",
@@ -96,21 +95,7 @@ def load_nlvr2(
     path, image_dir = Path(path), Path(image_dir)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            items = [(f"{path}: item {i}", item) for i, item in enumerate(json.loads(text))]
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
-    else:
-        items = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                items.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON line: {err.msg}") from err
+    items = read_json_items(path)
     examples = []
     for where, item in items:
         if not isinstance(item, dict):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +93,11 @@ def load_pairs(
     ``{"image", "caption"}`` JSON / JSON Lines file. Images are not opened here: missing or undecodable ones are
     skipped and counted during training."""
     path = Path(pair_file)
-    head = read_text(path).lstrip()[:1]
+    text = read_text(path)
     karpathy = False
-    if head == "{":
+    if text.lstrip().startswith("{"):
         try:
-            karpathy = "images" in json.loads(read_text(path))
+            karpathy = "images" in json.loads(text)
         except json.JSONDecodeError:
             karpathy = False  # JSON Lines
     if karpathy:
@@ -310,20 +310,27 @@ class _Draws:
         self.mixture.skipped_images.record("<a shard>", error)
         return True
 
-    def _pair(self, objective: str) -> tuple[Image.Image, str, int]:
-        mixture = self.mixture
+    @staticmethod
+    def _first_decodable(draw: Callable[[], tuple[Image.Image | None, str, int]]) -> tuple[Image.Image, str, int]:
+        """The first `(image, caption, position)` that `draw()` gives with an image; a broken source raises."""
         for _ in range(_MAX_FAILURES_IN_A_ROW):
-            position = self._position(objective)
-            if mixture.pairs:
-                path, caption = self._from_list(objective, mixture.pairs, position)
-                image = self._open(path)
-            else:
-                if self._webdataset is None:
-                    self._webdataset = self._webdataset_pairs()
-                _, image, caption = next(self._webdataset)
+            image, caption, position = draw()
             if image is not None:
                 return image, caption, position
         raise RuntimeError(f"{_MAX_FAILURES_IN_A_ROW} images in a row could not be decoded: the data is broken.")
+
+    def _pair(self, objective: str) -> tuple[Image.Image, str, int]:
+        def draw() -> tuple[Image.Image | None, str, int]:
+            position = self._position(objective)
+            if self.mixture.pairs:
+                path, caption = self._from_list(objective, self.mixture.pairs, position)
+                return self._open(path), caption, position
+            if self._webdataset is None:
+                self._webdataset = self._webdataset_pairs()
+            _, image, caption = next(self._webdataset)
+            return image, caption, position
+
+        return self._first_decodable(draw)
 
     def sample(self, objective: str) -> dict[str, Any]:
         mixture = self.mixture
@@ -348,12 +355,13 @@ class _Draws:
         if not self.mixture.images:
             image, _, position = self._pair(objective)
             return image, position
-        for _ in range(_MAX_FAILURES_IN_A_ROW):
+
+        def draw() -> tuple[Image.Image | None, str, int]:
             position = self._position(objective)
-            image = self._open(self._from_list(objective, self.mixture.images, position))
-            if image is not None:
-                return image, position
-        raise RuntimeError(f"{_MAX_FAILURES_IN_A_ROW} images in a row could not be decoded: the data is broken.")
+            return self._open(self._from_list(objective, self.mixture.images, position)), "", position
+
+        image, _, position = self._first_decodable(draw)
+        return image, position
 
 
 class PretrainingCollator:

@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .lora import self_regularization_loss
-from .trainer import Beit3Trainer, global_contrastive_loss
+from .trainer import Beit3Trainer, global_contrastive_logits
 
 __all__ = [
     "OBJECTIVES",
@@ -258,7 +259,7 @@ class PretrainingTrainer(Beit3Trainer):
         self.reg_loss_weight = reg_loss_weight
         self.data_counters = dict(data_counters or {})
         # Per objective: [sum of losses, steps, correct predictions, predictions] since the last log, this process.
-        self._stats = torch.zeros(len(OBJECTIVES) + 1, 4, dtype=torch.float64)
+        self._stats = torch.zeros(len(OBJECTIVES) + 1, 4)
 
     def _global_share(self, loss: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """This process's share of the global-batch mean: `loss * count / global count * processes`, so that the
@@ -282,12 +283,12 @@ class PretrainingTrainer(Beit3Trainer):
                 attention_mask=inputs["attention_mask"],
                 image_text_contrastive=True,
             )
-            loss = global_contrastive_loss(outputs.image_embeds, outputs.text_embeds, outputs.logit_scale)
+            logits_per_image, logits_per_text, targets = global_contrastive_logits(
+                outputs.image_embeds, outputs.text_embeds, outputs.logit_scale
+            )  # as global_contrastive_loss, whose gathered texts also give the accuracy
+            loss = (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
             with torch.no_grad():
-                texts = self.accelerator.gather(outputs.text_embeds.detach().contiguous())  # (global, hidden)
-                best = (outputs.image_embeds @ texts.t()).argmax(-1)
-                own = torch.arange(len(best), device=best.device) + self.args.process_index * len(best)
-                correct, count = (best == own).sum(), torch.tensor(len(best))
+                correct, count = (logits_per_image.argmax(-1) == targets).sum(), torch.tensor(len(targets))
         elif objective == "image_mim":
             labels = mim_targets(self.visual_tokenizer, inputs, config.patch_size)
             masked = inputs["bool_masked_pos"]
@@ -298,7 +299,7 @@ class PretrainingTrainer(Beit3Trainer):
                 correct = (
                     (outputs.mim_logits.argmax(-1) == labels)[masked].sum()
                     if not labels.is_floating_point()
-                    else torch.tensor(0)
+                    else torch.zeros((), device=masked.device)
                 )
         else:  # text_mlm, pair_mlm
             labels = inputs["mlm_labels"]
@@ -313,21 +314,25 @@ class PretrainingTrainer(Beit3Trainer):
             loss = self._global_share(outputs.mlm_loss, count)
             with torch.no_grad():
                 correct = (outputs.mlm_logits.argmax(-1) == labels)[valid].sum()
-        index = OBJECTIVES.index(objective)
-        self._stats[index] += torch.tensor(
-            [float(loss.detach()), 1.0, float(correct), float(count)], dtype=torch.float64
-        )
+        self._record(OBJECTIVES.index(objective), loss, correct, count)
         if self.reg_loss_weight:
             reg = self_regularization_loss(model)
-            self._stats[-1] += torch.tensor([float(reg.detach()), 1.0, 0.0, 0.0], dtype=torch.float64)
+            self._record(-1, reg, torch.zeros(()), torch.zeros(()))
             loss = loss + self.reg_loss_weight * reg
         return (loss, outputs) if return_outputs else loss
+
+    def _record(self, row: int, loss: torch.Tensor, correct: torch.Tensor, count: torch.Tensor) -> None:
+        """Add a step to the statistics, on the loss's device: no host sync until the next log."""
+        if self._stats.device != loss.device:
+            self._stats = self._stats.to(loss.device)
+        one = torch.ones((), device=loss.device)
+        self._stats[row] += torch.stack([value.to(self._stats) for value in (loss.detach(), one, correct, count)])
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # the training log, on every process at the same step: reduce the statistics
             stats = self._stats.to(self.args.device)
             if self.args.world_size > 1:
-                stats = self.accelerator.reduce(stats.float(), reduction="sum").double()
+                stats = self.accelerator.reduce(stats, reduction="sum")
             stats = stats.cpu()
             for index, name in enumerate(OBJECTIVES):
                 loss_sum, steps, correct, count = stats[index].tolist()

@@ -31,6 +31,7 @@ __all__ = [
     "SKIPPED_IMAGES_NAME",
     "Beit3Trainer",
     "gather_with_grad",
+    "global_contrastive_logits",
     "global_contrastive_loss",
     "layer_decay_parameter_groups",
     "load_config",
@@ -94,6 +95,19 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(tensor), dim=0)
 
 
+def global_contrastive_logits(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(logits_per_image, logits_per_text, targets)` of this process's pairs against the texts and images of all
+    processes: (local, global) float32 scores, and the global column of each local row (`rank * batch + i`)."""
+    all_images, all_texts = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    targets = torch.arange(image_embeds.shape[0], device=image_embeds.device) + rank * image_embeds.shape[0]
+    logits_per_image = scale * image_embeds.float() @ all_texts.float().t()  # (local, global)
+    logits_per_text = scale * text_embeds.float() @ all_images.float().t()
+    return logits_per_image, logits_per_text, targets
+
+
 def global_contrastive_loss(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
@@ -103,11 +117,7 @@ def global_contrastive_loss(
     `rank * batch + i`. Averaged over processes (as DDP does with the gradients), it equals the loss of one process
     holding the whole global batch.
     """
-    all_images, all_texts = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    targets = torch.arange(image_embeds.shape[0], device=image_embeds.device) + rank * image_embeds.shape[0]
-    logits_per_image = scale * image_embeds.float() @ all_texts.float().t()  # (local, global)
-    logits_per_text = scale * text_embeds.float() @ all_images.float().t()
+    logits_per_image, logits_per_text, targets = global_contrastive_logits(image_embeds, text_embeds, scale)
     return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
 
 

@@ -1995,10 +1995,10 @@ class Beit3ForPreTraining(Beit3PreTrainedModel):
             raise ValueError("image_text_contrastive=True needs a model built with config.contrastive_head=True.")
         if pixel_values is None or input_ids is None:
             raise ValueError("image_text_contrastive=True needs both pixel_values and input_ids.")
-        images = self.beit3(pixel_values=pixel_values, return_dict=True, **kwargs).last_hidden_state
-        texts = self.beit3(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
-        image_embeds = F.normalize(self.vision_projection(images[:, 0]), dim=-1)
-        text_embeds = F.normalize(self.text_projection(texts[:, 0]), dim=-1)
+        images = self.beit3(pixel_values=pixel_values, return_dict=True, **kwargs)
+        texts = self.beit3(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        image_embeds = Beit3ForImageTextRetrieval._pooled(images, self.vision_projection).pooler_output
+        text_embeds = Beit3ForImageTextRetrieval._pooled(texts, self.text_projection).pooler_output
         logit_scale = self.logit_scale.exp()
         loss = image_text_contrastive_loss(logit_scale * image_embeds @ text_embeds.t())
         return Beit3PreTrainingOutput(

@@ -294,6 +294,29 @@ def test_image_folder_skips_and_counts_undecodable_images(image_folder, tmp_path
     assert not torch.equal(again[3]["pixel_values"], samples[3]["pixel_values"])
 
 
+def test_image_folder_keeps_every_image_whatever_the_file_names(tmp_path):
+    # datasets' data-dir inference would take the names with "train" as the train split and drop the other images.
+    root = tmp_path / "mixed"
+    (root / "all").mkdir(parents=True)
+    for i in range(3):
+        _textured(seed=i).save(root / "all" / f"red_circle_train_{i}.JPEG", format="JPEG")
+        _textured(seed=10 + i).save(root / "all" / f"scene_{i}.png")
+    ds = PretrainingImageFolder(root, TwoViewTransform(32, seed=0), cache_dir=tmp_path / "cache")
+    assert sorted(Path(row["path"]).name for row in ds.dataset["image"]) == sorted(p.name for p in root.rglob("*.*"))
+    # A root with train/ and val/ reads its `split` folder only.
+    split_root = tmp_path / "imagenet"
+    (split_root / "train" / "a").mkdir(parents=True)
+    (split_root / "val" / "a").mkdir(parents=True)
+    _textured(seed=0).save(split_root / "train" / "a" / "0.png")
+    _textured(seed=1).save(split_root / "val" / "a" / "1.png")
+    _textured(seed=2).save(split_root / "val" / "a" / "2.png")
+    assert len(PretrainingImageFolder(split_root, TwoViewTransform(32, seed=0), cache_dir=tmp_path / "cache")) == 1
+    assert len(PretrainingImageFolder(split_root, TwoViewTransform(32), split="val", cache_dir=tmp_path / "c")) == 2
+    with pytest.raises(ValueError, match=r"data_dir .*empty.* holds no image"):
+        (tmp_path / "empty").mkdir()
+        PretrainingImageFolder(tmp_path / "empty", TwoViewTransform(32))
+
+
 def test_image_folder_failure_count_reaches_the_main_process(image_folder, tmp_path):
     ds = PretrainingImageFolder(image_folder, TwoViewTransform(32, seed=0), cache_dir=tmp_path / "cache")
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=MaskedImageModelingCollator())

@@ -36,13 +36,8 @@ from transformers import set_seed
 
 import beit3_hf  # noqa: F401  (registers the BEiT-3 and visual tokenizer classes with the Auto classes)
 from beit3_hf import Beit3ForPreTraining
-from beit3_hf.data.mixture import (
-    PretrainingCollator,
-    PretrainingMixture,
-    list_image_files,
-    load_caption_texts,
-    load_pairs,
-)
+from beit3_hf.data.loaders import list_image_files
+from beit3_hf.data.mixture import PretrainingCollator, PretrainingMixture, load_caption_texts, load_pairs
 from beit3_hf.data.pretraining import DecodeFailures, TwoViewTransform
 from beit3_hf.training.lora import add_lora
 from beit3_hf.training.masking import BEIT_MASK_RATIO, BlockMaskingGenerator

@@ -53,6 +53,7 @@ __all__ = [
     "find_undecodable_images",
     "gather_skipped",
     "image_name",
+    "list_image_files",
     "load_caption_jsonl",
     "load_imagefolder",
     "load_karpathy_split",
@@ -628,6 +629,31 @@ class ImageFolderData:
     def label2id(self) -> dict[str, int]:
         """``{class name: label}`` for a model config."""
         return {name: i for i, name in enumerate(self.class_names)}
+
+
+def list_image_files(image_dir: str | os.PathLike[str], argument: str = "--image_dir") -> list[str]:
+    """Every image file under a folder (``CLASS/*.JPEG``, flat, any depth), sorted; labels are ignored.
+
+    Listed here rather than by ``datasets``' ``imagefolder`` data-dir inference, which splits a folder by file
+    names: in a folder where some names contain ``train`` (``red_circle_train_00001.JPEG``) it keeps only those as
+    the train split and silently drops every other image. Errors name ``argument``, the option that gave the folder.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> for name in ("a/x_train_1.JPEG", "a/scene.png", "b/notes.txt"):
+        ...     os.makedirs(os.path.dirname(f"{folder}/{name}"), exist_ok=True)
+        ...     open(f"{folder}/{name}", "wb").close()
+        >>> [os.path.relpath(f, folder) for f in list_image_files(folder)]
+        ['a/scene.png', 'a/x_train_1.JPEG']
+    """
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{argument} {root} is not a folder.")
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"{argument} {root} holds no image ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+    return files
 
 
 def _scan_split(split_dir: Path) -> dict[str, list[Path]]:

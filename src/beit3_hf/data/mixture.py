@@ -4,7 +4,7 @@ Sources, in the formats people have:
 
 - texts: caption JSON / JSON Lines (:func:`load_caption_texts`: ``[{"caption": ...}]``, one object or string per
   line); empty captions are skipped and counted;
-- images: an ImageNet-style folder (:func:`list_image_files`, labels ignored);
+- images: an ImageNet-style folder (:func:`~beit3_hf.data.loaders.list_image_files`, labels ignored);
 - pairs: a Karpathy split file or ``{"image", "caption"}`` JSON / JSON Lines (:func:`load_pairs`), or webdataset
   shards as ``img2dataset`` writes them (``.jpg`` + ``.txt``), streamed.
 
@@ -36,10 +36,10 @@ import torch
 from PIL import Image
 
 from ..training.objectives import OBJECTIVES, ObjectiveSchedule, mask_tokens, word_starts
-from .loaders import IMAGE_EXTENSIONS, load_caption_jsonl, load_karpathy_split, read_json_items, read_text
+from .loaders import load_caption_jsonl, load_karpathy_split, read_json_items, read_text
 from .pretraining import DecodeFailures, TwoViewTransform, decode_image
 
-__all__ = ["PretrainingCollator", "PretrainingMixture", "list_image_files", "load_caption_texts", "load_pairs"]
+__all__ = ["PretrainingCollator", "PretrainingMixture", "load_caption_texts", "load_pairs"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,17 +73,6 @@ def load_caption_texts(path: str | os.PathLike[str], skipped: DecodeFailures | N
     if not captions:
         raise ValueError(f"{path}: no caption in the file (expected [{{'caption': text}}, ...] or JSON Lines).")
     return captions
-
-
-def list_image_files(image_dir: str | os.PathLike[str]) -> list[str]:
-    """Every image file under an ImageNet-style folder (``CLASS/*.JPEG``, any depth), sorted; labels are ignored."""
-    root = Path(image_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--image_dir {root} is not a folder.")
-    files = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"--image_dir {root} holds no image ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-    return files
 
 
 def load_pairs(

@@ -45,6 +45,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from multiprocessing.context import get_spawning_popen
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -54,6 +55,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from ..training.masking import BlockMaskingGenerator
+from .loaders import list_image_files
 
 __all__ = [
     "BEIT3_IMAGE_MEAN",
@@ -582,20 +584,22 @@ class PretrainingImageFolder(torch.utils.data.Dataset):
     ) -> None:
         import datasets  # Hugging Face datasets; imported here so that importing this module stays light
 
-        if not os.path.isdir(data_dir):
-            raise FileNotFoundError(f"{data_dir}: no such folder")
+        root = Path(data_dir)
+        if (root / split).is_dir():  # a root with train/, val/ sub-folders
+            root = root / split
+        # An explicit file list: datasets' own data-dir inference drops the images whose names lack "train" when
+        # other names contain it (see list_image_files).
+        files = list_image_files(root, argument="data_dir")
         features = datasets.Features({"image": datasets.Image(decode=False)})
         self.dataset = datasets.load_dataset(
             "imagefolder",
-            data_dir=os.fspath(data_dir),
-            split=split,
+            data_files={"train": files},
+            split="train",
             features=features,
             drop_labels=True,
             drop_metadata=True,
             cache_dir=None if cache_dir is None else os.fspath(cache_dir),
         )
-        if len(self.dataset) == 0:
-            raise ValueError(f"{data_dir}: no images found for split {split!r}")
         self.transform = transform
         self.max_consecutive_failures = max_consecutive_failures
         self.failures = DecodeFailures() if failures is None else failures

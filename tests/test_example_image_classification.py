@@ -249,6 +249,9 @@ def test_argument_errors(script, imagenet, tmp_path):
         script.main(no_model)
     with pytest.raises(ValueError, match="--data_dir"):
         script.main(["--output_dir", str(tmp_path / "out"), "--config_name", "beit3-base-patch16-224"])
+    for scale in ("0", "1.5"):
+        with pytest.raises(ValueError, match=r"--min_crop_scale must be in \(0, 1\]"):
+            script.main(script_args(imagenet, tmp_path / "out", tmp_path / "cache", "--min_crop_scale", scale))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -403,6 +406,10 @@ def test_train_transform_is_timms_and_survives_zero_bit_posterize(script):
     assert (rand_augment.num_layers, rand_augment.ops[0].magnitude, rand_augment.ops[0].magnitude_std) == (2, 9, 0.5)
     erasing = transform.transforms[-1]
     assert (erasing.probability, erasing.mode, erasing.max_count) == (0.25, "pixel", 1)
+    assert transform.transforms[0].scale == (0.08, 1.0)  # the original's and timm's default
+    small_objects = script.DataTrainingArguments(data_dir="unused", min_crop_scale=0.5)
+    crop = script.build_train_transform(small_objects, 32, (0.5,) * 3, (0.5,) * 3).transforms[0]
+    assert crop.scale == (0.5, 1.0)
 
     posterize = next(op for op in rand_augment.ops if op.name == "PosterizeIncreasing")
     assert posterize.aug_fn is script.posterize_keeping_any_bits

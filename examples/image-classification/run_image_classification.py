@@ -164,6 +164,9 @@ class DataTrainingArguments:
         default=0.4, metadata={"help": "Color jitter strength (timm skips it when auto_augment is set)."}
     )
     train_interpolation: str = field(default="bicubic", metadata={"help": "Interpolation of the random crop."})
+    min_crop_scale: float = field(
+        default=0.08, metadata={"help": "Smallest area of the random resized crop (the original and timm: 0.08)."}
+    )
     reprob: float = field(default=0.25, metadata={"help": "Random erasing probability."})
     remode: str = field(default="pixel", metadata={"help": "Random erasing mode."})
     recount: int = field(default=1, metadata={"help": "Random erasing count."})
@@ -189,6 +192,8 @@ class DataTrainingArguments:
             self.auto_augment = None
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if not 0.0 < self.min_crop_scale <= 1.0:
+            raise ValueError(f"--min_crop_scale must be in (0, 1], got {self.min_crop_scale}.")
         if self.cutmix_minmax is not None and len(self.cutmix_minmax) != 2:
             raise ValueError(f"--cutmix_minmax takes two numbers (min max), got {self.cutmix_minmax}.")
         if self.mixup_mode not in ("batch", "pair", "elem"):
@@ -241,6 +246,7 @@ def build_train_transform(
     transform = create_transform(
         input_size=image_size,
         is_training=True,
+        scale=(data_args.min_crop_scale, 1.0),
         color_jitter=data_args.color_jitter,
         auto_augment=data_args.auto_augment,
         interpolation=data_args.train_interpolation,

@@ -27,6 +27,7 @@ from oracle_utils import (
 
 ROOT = Path(__file__).resolve().parents[1]
 run_mim = load_example_script(ROOT / "examples" / "pretraining" / "run_mim.py")
+linear_probe = load_example_script(ROOT / "examples" / "pretraining" / "linear_probe.py")
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +189,32 @@ def test_run_mim_as_two_processes(images, tmp_path):
     batches_per_epoch = math.ceil(num_images / 2 / 4)  # each rank gets half of the images, in batches of 4
     assert state["global_step"] == 2 and state["epoch"] == pytest.approx(2 / batches_per_epoch)
     assert Beit3ForMaskedImageModeling.from_pretrained(output_dir).config.vision_only
+
+
+def test_linear_probe_of_a_saved_model_and_of_a_random_initialisation(images, tmp_path):
+    data_dir = str(images.parent)  # 12 classes, 2 training and 1 validation image each
+    torch.manual_seed(0)
+    model = Beit3ForMaskedImageModeling(tiny_config(vision_only=True, patch_size=8)).eval()
+    model.save_pretrained(tmp_path / "mim")
+    result = linear_probe.main(
+        [
+            "--model_name_or_path",
+            str(tmp_path / "mim"),
+            "--data_dir",
+            data_dir,
+            "--output_file",
+            str(tmp_path / "p.json"),
+        ]
+    )
+    assert result["num_classes"] == 12 and result["train_accuracy"] == 1.0  # 24 images, 32 features: separable
+    assert json.loads((tmp_path / "p.json").read_text()) == result
+    # The probe reads the saved weights: the same numbers as probing the model in memory.
+    assert result == linear_probe.linear_probe_accuracy(model.beit3, data_dir, image_size=32)
+    # --random_init needs only the folder's config (no weights are read) and is reproducible per --seed.
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_text((tmp_path / "mim" / "config.json").read_text())
+    random_args = ["--model_name_or_path", str(tmp_path / "config-only"), "--data_dir", data_dir, "--random_init"]
+    first, again = linear_probe.main([*random_args, "--seed", "3"]), linear_probe.main([*random_args, "--seed", "3"])
+    assert first == again and first["num_classes"] == 12 and first["train_accuracy"] == 1.0
+    with pytest.raises(OSError, match="model.safetensors|pytorch_model.bin"):
+        linear_probe.main(random_args[:-1])  # without --random_init the weights are required

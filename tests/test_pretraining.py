@@ -172,6 +172,13 @@ def test_run_mim_pixel_targets_and_argument_errors(images, tmp_path):
     run_fresh_python(snippet.replace('"pixels"', repr(str(tmp_path / "pixels"))) + "print(features.shape)", tmp_path)
     with pytest.raises(ValueError, match="needs --visual_tokenizer"):
         run_mim.main([*mim_args(images, tmp_path / "e1"), "--max_steps", "1"])
+    with pytest.raises(FileNotFoundError, match="--train_dir .*missing is not a folder"):
+        run_mim.main([*mim_args(tmp_path / "missing", tmp_path / "e3", "--mim_target", "pixels"), "--max_steps", "1"])
+    (tmp_path / "no-images").mkdir()
+    with pytest.raises(ValueError, match="--train_dir .*no-images holds no image"):
+        run_mim.main(
+            [*mim_args(tmp_path / "no-images", tmp_path / "e4", "--mim_target", "pixels"), "--max_steps", "1"]
+        )
     with pytest.raises(ValueError, match="exactly one of --train_dir"):
         run_mim.main([*mim_args(images, tmp_path / "e2", "--mim_target", "pixels", "--webdataset", "x.tar")])
 
@@ -218,3 +225,4 @@ def test_linear_probe_of_a_saved_model_and_of_a_random_initialisation(images, tm
     assert first == again and first["num_classes"] == 12 and first["train_accuracy"] == 1.0
     with pytest.raises(OSError, match="model.safetensors|pytorch_model.bin"):
         linear_probe.main(random_args[:-1])  # without --random_init the weights are required
+

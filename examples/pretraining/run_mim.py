@@ -169,7 +169,7 @@ def build_dataset(data_args: DataArguments, transform: TwoViewTransform, trainin
     if (data_args.train_dir is None) == (data_args.webdataset is None):
         raise ValueError("Pass exactly one of --train_dir (an image folder) and --webdataset (shards).")
     if data_args.train_dir is not None:
-        return PretrainingImageFolder(data_args.train_dir, transform)
+        return PretrainingImageFolder(data_args.train_dir, transform, argument="--train_dir")
     if training_args.max_steps <= 0:
         raise ValueError("--webdataset streams without a length: pass --max_steps.")
     return PretrainingWebDataset(data_args.webdataset, transform, seed=training_args.seed)

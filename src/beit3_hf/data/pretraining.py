@@ -559,7 +559,8 @@ class PretrainingImageFolder(torch.utils.data.Dataset):
     that cannot be decoded is skipped: it is recorded in :attr:`failures` and the next image (index + 1, wrapping)
     takes its place, so every index still gives a sample. ``set_epoch`` (called by ``accelerate`` and the
     ``Trainer`` each epoch) changes every sample's crops and mask; with workers re-started each epoch (the default,
-    ``persistent_workers=False``) the workers see it.
+    ``persistent_workers=False``) the workers see it. A missing or image-less folder is an error that names
+    ``argument`` (a script passes the option that gave the folder, e.g. ``--train_dir``).
 
     Example:
         >>> import tempfile
@@ -581,6 +582,7 @@ class PretrainingImageFolder(torch.utils.data.Dataset):
         cache_dir: str | os.PathLike[str] | None = None,
         max_consecutive_failures: int = 32,
         failures: DecodeFailures | None = None,
+        argument: str = "data_dir",
     ) -> None:
         import datasets  # Hugging Face datasets; imported here so that importing this module stays light
 
@@ -589,7 +591,7 @@ class PretrainingImageFolder(torch.utils.data.Dataset):
             root = root / split
         # An explicit file list: datasets' own data-dir inference drops the images whose names lack "train" when
         # other names contain it (see list_image_files).
-        files = list_image_files(root, argument="data_dir")
+        files = list_image_files(root, argument=argument)  # errors name `argument`, e.g. a script's --train_dir
         features = datasets.Features({"image": datasets.Image(decode=False)})
         self.dataset = datasets.load_dataset(
             "imagefolder",

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from beit3_hf import Beit3Config, Beit3ForMaskedImageModeling, Beit3ForPreTraining, VqkdConfig, VqkdModel
 from beit3_hf.conversion import checkpoint as convert
 from beit3_hf.testing.synthetic_data import write_synthetic_dataset
+from beit3_hf.training.objectives import mim_targets
 
 from oracle_utils import (
     load_example_script,
@@ -139,6 +140,17 @@ def mim_args(images: Path, output_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def test_pixel_targets_are_each_patchs_pixels_normalised_per_patch_or_not():
+    pixel_values = torch.randn(2, 3, 16, 16)
+    raw = mim_targets(None, {"pixel_values": pixel_values}, patch_size=8, normalize_pixels=False)
+    assert raw.shape == (2, 4, 8 * 8 * 3)
+    top_right = pixel_values[1, :, :8, 8:].permute(1, 2, 0)  # (row, column, channel) inside the patch
+    assert torch.equal(raw[1, 1], top_right.reshape(-1))
+    normalised = mim_targets(None, {"pixel_values": pixel_values}, patch_size=8)
+    expected = (raw - raw.mean(-1, keepdim=True)) / raw.std(-1, keepdim=True)
+    torch.testing.assert_close(normalised, expected, rtol=0, atol=1e-4)
+
+
 def test_run_mim_with_a_visual_tokenizer_and_resume(images, tmp_path):
     tokenizer_dir = tmp_path / "vqkd"
     torch.manual_seed(0)
@@ -162,6 +174,8 @@ def test_run_mim_with_a_visual_tokenizer_and_resume(images, tmp_path):
 def test_run_mim_pixel_targets_and_argument_errors(images, tmp_path):
     metrics = run_mim.main([*mim_args(images, tmp_path / "pixels", "--mim_target", "pixels"), "--max_steps", "2"])
     assert metrics["train_loss"] > 0
+    raw_args = [*mim_args(images, tmp_path / "raw", "--mim_target", "pixels", "--norm_pix_loss", "False")]
+    assert run_mim.main([*raw_args, "--max_steps", "2"])["train_loss"] != metrics["train_loss"]
     config = json.loads((tmp_path / "pixels" / "config.json").read_text())
     assert config["visual_vocab_size"] == 8 * 8 * 3
     # The model card describes an image feature extractor, and its snippet runs as written without beit3_hf.
@@ -170,6 +184,8 @@ def test_run_mim_pixel_targets_and_argument_errors(images, tmp_path):
     (snippet,) = re.findall(r"```python\n(.*?)```", card.text, flags=re.DOTALL)
     Image.new("RGB", (40, 30), "blue").save(tmp_path / "image.jpg")
     run_fresh_python(snippet.replace('"pixels"', repr(str(tmp_path / "pixels"))) + "print(features.shape)", tmp_path)
+    with pytest.raises(ValueError, match="--norm_pix_loss applies to --mim_target pixels only"):
+        run_mim.main([*mim_args(images, tmp_path / "e0", "--visual_tokenizer", "x", "--norm_pix_loss", "True")])
     with pytest.raises(ValueError, match="needs --visual_tokenizer"):
         run_mim.main([*mim_args(images, tmp_path / "e1"), "--max_steps", "1"])
     with pytest.raises(FileNotFoundError, match="--train_dir .*missing is not a folder"):

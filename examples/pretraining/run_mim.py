@@ -3,8 +3,8 @@
 
 Blocks of patches (BEiT: 75 of 14x14) are replaced by the mask token, and `Beit3ForMaskedImageModeling` predicts,
 at the masked patches only, either the visual tokens a tokenizer gives for the same crop (`--visual_tokenizer` with a
-converted BEiT v2 VQ-KD or DALL-E dVAE folder: BEiT v2 / v1) or the patch's normalised pixels (`--mim_target pixels`:
-no tokenizer needed, for new domains). Images come from an ImageNet-style folder (`--train_dir`, through `datasets`)
+converted BEiT v2 VQ-KD or DALL-E dVAE folder: BEiT v2 / v1) or the patch's pixels (`--mim_target pixels`: no
+tokenizer needed, for new domains; normalised per patch unless `--norm_pix_loss False`). Images come from an ImageNet-style folder (`--train_dir`, through `datasets`)
 or from webdataset shards as `img2dataset` writes them (`--webdataset 'shards/{00000..00099}.tar'`), streamed.
 
     python examples/pretraining/run_mim.py --config_name beit3-base-patch16-224 --train_dir imagenet/train \
@@ -84,6 +84,14 @@ class ModelArguments:
             "choices": ["tokens", "pixels"],
         },
     )
+    norm_pix_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "With --mim_target pixels: normalise each patch's targets to zero mean and unit variance (MAE's "
+            "norm_pix_loss; the default). False regresses the pixels themselves, which keeps uniform patches "
+            "informative (see examples/pretraining/README.md)."
+        },
+    )
     layer_decay: float = field(default=1.0, metadata={"help": "Layer-wise learning-rate decay (1.0: none)."})
     drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth of the last layer."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model / tokenizer folders."})
@@ -112,16 +120,20 @@ class MaskedImageModelingTrainer(Beit3Trainer):
     """`Beit3Trainer` computing the MIM targets on the fly and logging the MIM accuracy.
 
     With a visual tokenizer the targets are its codes for the tokenizer view (`tokenizer_pixel_values`), computed
-    under `no_grad` in eval mode; with `mim_target="pixels"` they are the model view's patches, normalised per patch.
+    under `no_grad` in eval mode; with `mim_target="pixels"` they are the model view's patches, normalised per patch
+    when `normalize_pixels`.
     """
 
-    def __init__(self, *args: Any, visual_tokenizer: nn.Module | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, visual_tokenizer: nn.Module | None = None, normalize_pixels: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.visual_tokenizer = visual_tokenizer.eval().requires_grad_(False) if visual_tokenizer else None
+        self.normalize_pixels = normalize_pixels
         self._accuracy_sum, self._accuracy_count = 0.0, 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = mim_targets(self.visual_tokenizer, inputs, self.model.config.patch_size)
+        labels = mim_targets(self.visual_tokenizer, inputs, self.model.config.patch_size, self.normalize_pixels)
         outputs = model(pixel_values=inputs["pixel_values"], bool_masked_pos=inputs["bool_masked_pos"], labels=labels)
         if not labels.is_floating_point() and model.training:
             with torch.no_grad():
@@ -160,6 +172,8 @@ def choose_visual_tokenizer(model_args: ModelArguments) -> tuple[nn.Module | Non
         if model_args.visual_tokenizer is not None:
             raise ValueError("--mim_target pixels uses no --visual_tokenizer.")
         return None, None
+    if model_args.norm_pix_loss is not None:
+        raise ValueError("--norm_pix_loss applies to --mim_target pixels only.")
     if model_args.visual_tokenizer is None:
         raise ValueError("--mim_target tokens needs --visual_tokenizer FOLDER (or use --mim_target pixels).")
     return load_visual_tokenizer(model_args.visual_tokenizer, model_args.trust_remote_code)
@@ -219,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         train_dataset=train_dataset,
         data_collator=MaskedImageModelingCollator(),
         visual_tokenizer=visual_tokenizer,
+        normalize_pixels=model_args.norm_pix_loss is not False,
         layer_decay=model_args.layer_decay,
         callbacks=training_args.early_stopping_callbacks(),
         # Saved with the model: the eval transform (resize, center crop) with the training normalisation.

@@ -43,6 +43,7 @@ __all__ = [
     "mim_targets",
     "normalized_patches",
     "parse_objectives",
+    "patch_pixels",
     "visual_vocab_size",
     "word_starts",
 ]
@@ -170,18 +171,28 @@ def mask_tokens(
     return ids, labels
 
 
+def patch_pixels(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(batch, num_patches, patch_size**2 * channels) pixels of each patch (MAE's `patchify`): row-major patch
+    order and (row, column, channel) order inside a patch.
+
+    Example:
+        >>> patch_pixels(torch.arange(16.0).reshape(1, 1, 4, 4), 2)[0, 1]  # the top-right 2 x 2 patch
+        tensor([2., 3., 6., 7.])
+    """
+    batch, channels, height, width = pixel_values.shape
+    grid_h, grid_w = height // patch_size, width // patch_size
+    patches = pixel_values.reshape(batch, channels, grid_h, patch_size, grid_w, patch_size)
+    return patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, grid_h * grid_w, -1)  # (batch, patches, p*p*c)
+
+
 def normalized_patches(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(batch, num_patches, patch_size**2 * channels) pixels of each patch, normalised to zero mean and unit variance
-    per patch (MAE's `norm_pix_loss`), row-major patch order and (row, column, channel) order inside a patch.
+    """`patch_pixels` normalised to zero mean and unit variance per patch (MAE's `norm_pix_loss`).
 
     Example:
         >>> normalized_patches(torch.randn(2, 3, 32, 32), 16).shape
         torch.Size([2, 4, 768])
     """
-    batch, channels, height, width = pixel_values.shape
-    grid_h, grid_w = height // patch_size, width // patch_size
-    patches = pixel_values.reshape(batch, channels, grid_h, patch_size, grid_w, patch_size)
-    patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, grid_h * grid_w, -1)  # (batch, patches, p*p*c)
+    patches = patch_pixels(pixel_values, patch_size)
     mean, var = patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
     return (patches - mean) / (var + 1e-6).sqrt()
 
@@ -217,12 +228,17 @@ def visual_vocab_size(visual_tokenizer: nn.Module | None, config: Any) -> int:
 
 
 def mim_targets(
-    visual_tokenizer: nn.Module | None, inputs: Mapping[str, torch.Tensor], patch_size: int
+    visual_tokenizer: nn.Module | None,
+    inputs: Mapping[str, torch.Tensor],
+    patch_size: int,
+    normalize_pixels: bool = True,
 ) -> torch.Tensor:
     """The MIM targets of a batch: the visual tokenizer's codes of the tokenizer view (`tokenizer_pixel_values`,
-    computed under `no_grad`), or, without a tokenizer, the model view's patches normalised per patch."""
+    computed under `no_grad`), or, without a tokenizer, the model view's patches, normalised per patch unless
+    `normalize_pixels` is False."""
     if visual_tokenizer is None:
-        return normalized_patches(inputs["pixel_values"], patch_size)
+        patches = normalized_patches if normalize_pixels else patch_pixels
+        return patches(inputs["pixel_values"], patch_size)
     pixels = inputs["tokenizer_pixel_values"]
     if next(visual_tokenizer.parameters()).device != pixels.device:
         visual_tokenizer.to(pixels.device)

@@ -4,8 +4,9 @@
 Blocks of patches (BEiT: 75 of 14x14) are replaced by the mask token, and `Beit3ForMaskedImageModeling` predicts,
 at the masked patches only, either the visual tokens a tokenizer gives for the same crop (`--visual_tokenizer` with a
 converted BEiT v2 VQ-KD or DALL-E dVAE folder: BEiT v2 / v1) or the patch's pixels (`--mim_target pixels`: no
-tokenizer needed, for new domains; normalised per patch unless `--norm_pix_loss False`). Images come from an ImageNet-style folder (`--train_dir`, through `datasets`)
-or from webdataset shards as `img2dataset` writes them (`--webdataset 'shards/{00000..00099}.tar'`), streamed.
+tokenizer needed, for new domains; normalised per patch unless `--norm_pix_loss False`). Images come from an
+ImageNet-style folder (`--train_dir`, through `datasets`) or from webdataset shards as `img2dataset` writes them
+(`--webdataset 'shards/{00000..00099}.tar'`), streamed.
 
     python examples/pretraining/run_mim.py --config_name beit3-base-patch16-224 --train_dir imagenet/train \
         --visual_tokenizer vqkd-clip --output_dir beit3-mim --do_train --max_steps 100000

@@ -228,6 +228,9 @@ def test_errors_name_the_argument(data, tmp_path):
         run_pretraining.main([*args, "--lora_rank", "4"])
     with pytest.raises(ValueError, match="pass --max_steps"):
         run_pretraining.main(endless)
+    for flag in ("--do_eval", "--do_predict"):
+        with pytest.raises(ValueError, match="has no evaluation data: pass --do_train, without --do_eval"):
+            run_pretraining.main([*args, flag])
 
 
 def test_lora_text_pretraining_keeps_vision_outputs_and_merges(data, tmp_path):

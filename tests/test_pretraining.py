@@ -197,6 +197,8 @@ def test_run_mim_pixel_targets_and_argument_errors(images, tmp_path):
         )
     with pytest.raises(ValueError, match="exactly one of --train_dir"):
         run_mim.main([*mim_args(images, tmp_path / "e2", "--mim_target", "pixels", "--webdataset", "x.tar")])
+    with pytest.raises(ValueError, match="has no evaluation data: pass --do_train, without --do_eval"):
+        run_mim.main([*mim_args(images, tmp_path / "e5", "--mim_target", "pixels"), "--do_eval"])
 
 
 def test_run_mim_as_two_processes(images, tmp_path):

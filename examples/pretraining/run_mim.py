@@ -196,8 +196,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
     setup_logging(training_args, logger)
     check_distributed_launch(training_args)
-    if not training_args.do_train:
-        raise ValueError("run_mim.py pretrains: pass --do_train.")
+    if not training_args.do_train or training_args.do_eval or training_args.do_predict:
+        raise ValueError(
+            "run_mim.py pretrains and has no evaluation data: pass --do_train, without --do_eval / --do_predict "
+            "(evaluate the saved model with linear_probe.py or a fine-tuning script)."
+        )
     checkpoint = resolve_checkpoint(training_args)
     set_seed(training_args.seed)
 

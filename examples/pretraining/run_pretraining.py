@@ -252,8 +252,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
     setup_logging(training_args, logger)
     check_distributed_launch(training_args)
-    if not training_args.do_train:
-        raise ValueError("run_pretraining.py pretrains: pass --do_train.")
+    if not training_args.do_train or training_args.do_eval or training_args.do_predict:
+        raise ValueError(
+            "run_pretraining.py pretrains and has no evaluation data: pass --do_train, without --do_eval / "
+            "--do_predict (evaluate the saved model with a fine-tuning script, e.g. zero-shot retrieval)."
+        )
     if training_args.max_steps <= 0:
         raise ValueError("The pretraining stream is endless: pass --max_steps.")
     if training_args.ddp_find_unused_parameters is None:  # a step of one objective leaves the other heads unused

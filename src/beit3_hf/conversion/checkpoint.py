@@ -31,34 +31,35 @@ from ..models.beit3.modeling_beit3 import (
     captioning_generation_config,
     resize_patch_position_embeddings,
 )
-from .tasks import BACKBONE_RULES, FAIRSEQ_POSITION_OFFSET, LAYER_PATTERN, TASKS, KeyRule
+from . import original
+from .tasks import BACKBONE_RULES, FAIRSEQ_POSITION_OFFSET, LAYER_PATTERN, TASKS, ConversionError, get_task
 from .tokenizer import load_sentencepiece_tokenizer, processor_for_task
 
 #: `--task` name -> model class (read from the task table).
 TASK_CLASSES: dict[str, type[Beit3PreTrainedModel]] = {name: spec.model_class for name, spec in TASKS.items()}
 
 
-class ConversionError(ValueError):
-    """The checkpoint cannot be converted as asked; the message says why."""
-
-
-def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read an original checkpoint safely (`weights_only=True`: a checkpoint never runs code)."""
+def load_checkpoint_dict(path: str | Path, containers: tuple[str, ...]) -> dict:
+    """Read a `torch.save` dict safely (`weights_only=True`: a checkpoint never runs code); returns the first of
+    `containers` that holds a dict (e.g. unilm's `{"model": state_dict, ...}`), else the whole dict."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"Checkpoint {path} does not exist.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, not a torch file, pickled code refused by weights_only, ...
-        raise ConversionError(f"Could not read checkpoint {path}: it is corrupt, truncated or not a PyTorch "
-                              f"state dict ({type(error).__name__}: {error}).") from error  # fmt: skip
+        raise ConversionError(
+            f"Could not read checkpoint {path} with torch.load(weights_only=True): it is corrupt, truncated or not "
+            f"a PyTorch state dict ({type(error).__name__}: {error})."
+        ) from error
     if not isinstance(checkpoint, dict):
         raise ConversionError(f"Checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict.")
-    # unilm saves {"model": state_dict, ...}; DeepSpeed saves {"module": state_dict, ...}.
-    for container in ("model", "module"):
-        if isinstance(checkpoint.get(container), dict):
-            checkpoint = checkpoint[container]
-            break
+    return next((checkpoint[name] for name in containers if isinstance(checkpoint.get(name), dict)), checkpoint)
+
+
+def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an original checkpoint safely (`weights_only=True`: a checkpoint never runs code)."""
+    checkpoint = load_checkpoint_dict(path, ("model", "module"))  # unilm's {"model": ...}, DeepSpeed's {"module": ...}
     state_dict = {key: value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
     if not state_dict or "beit3.text_embed.weight" not in state_dict:
         raise ConversionError(
@@ -79,6 +80,11 @@ def detect_task(state_dict: dict[str, torch.Tensor]) -> str:
         ):
             return spec.name
     return "backbone"
+
+
+def _task_hint(state_dict: dict[str, torch.Tensor], task: str) -> str:
+    found = detect_task(state_dict)
+    return f" The checkpoint looks like a {found!r} checkpoint." if found != task else ""
 
 
 #: The tensors `infer_config` reads the architecture from.
@@ -157,7 +163,7 @@ def convert_state_dict(
     """
     spec = TASKS[task]
     rules = BACKBONE_RULES + spec.head_rules
-    converted, unused, dropped = {}, [], []
+    converted, sources, unused, dropped = {}, {}, [], []
     for key, tensor in state_dict.items():
         if spec.dropped_keys and re.fullmatch(spec.dropped_keys, key):  # not part of this task's model
             dropped.append(key)
@@ -166,29 +172,19 @@ def convert_state_dict(
             target = rule.apply(key)
             if target is not None:
                 converted[target] = rule.transform(tensor) if rule.transform else tensor
+                sources[target] = key
                 break
         else:
             (dropped if ignore_unused and re.fullmatch(ignore_unused, key) else unused).append(key)
-    check_tensors(converted, {target: key for key, target in _sources(state_dict, rules).items()})
+    check_tensors(converted, sources)
     if unused:
-        found = detect_task(state_dict)
-        hint = f" The checkpoint looks like a {found!r} checkpoint." if found != task else ""
         raise ConversionError(
-            f"{len(unused)} checkpoint keys are not used by --task {task}: {_abbreviate(unused)}.{hint}"
+            f"{len(unused)} checkpoint keys are not used by --task {task}: {abbreviate(unused)}."
+            + _task_hint(state_dict, task)
         )
     if spec.model_class is Beit3Model:  # the bare model has no `beit3.` prefix of its own
         converted = {key.removeprefix("beit3."): value for key, value in converted.items()}
     return converted, dropped
-
-
-def _sources(state_dict: dict[str, torch.Tensor], rules: tuple[KeyRule, ...]) -> dict[str, str]:
-    """Original key -> our key, for the keys that a rule maps."""
-    mapping = {}
-    for key in state_dict:
-        target = next((target for rule in rules if (target := rule.apply(key)) is not None), None)
-        if target is not None:
-            mapping[key] = target
-    return mapping
 
 
 def check_tensors(converted: dict[str, torch.Tensor], original_names: dict[str, str]) -> None:
@@ -201,29 +197,16 @@ def check_tensors(converted: dict[str, torch.Tensor], original_names: dict[str, 
         original_names.get(key, key) for key, value in converted.items() if not value.is_floating_point()
     )
     if not_float:
-        raise ConversionError(f"{len(not_float)} weights are not floating-point tensors: {_abbreviate(not_float)}.")
+        raise ConversionError(f"{len(not_float)} weights are not floating-point tensors: {abbreviate(not_float)}.")
     not_finite = sorted(original_names.get(key, key) for key, value in converted.items() if not value.isfinite().all())
     if not_finite:
-        raise ConversionError(f"{len(not_finite)} weights hold NaN or inf values: {_abbreviate(not_finite)}.")
+        raise ConversionError(f"{len(not_finite)} weights hold NaN or inf values: {abbreviate(not_finite)}.")
 
 
-def _abbreviate(keys: Sequence[str], limit: int = 12) -> str:
+def abbreviate(keys: Sequence[str], limit: int = 12) -> str:
+    """At most `limit` of the sorted `keys`, comma-separated, and how many more there are."""
     shown = ", ".join(sorted(keys)[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def resize_vision_positions(
-    state_dict: dict[str, torch.Tensor], prefix: str, config: Beit3Config, image_size: int
-) -> None:
-    """Resize the vision position table in place to `image_size` (original's bicubic interpolation, CLS row kept)."""
-    if image_size % config.patch_size:
-        raise ConversionError(f"--image-size {image_size} is not a multiple of the patch size {config.patch_size}.")
-    key = f"{prefix}vision_embeddings.position_embedding.weight"
-    table = state_dict[key]
-    old_grid = (config.image_size // config.patch_size,) * 2
-    new_grid = (image_size // config.patch_size,) * 2
-    state_dict[key] = torch.cat([table[:1], resize_patch_position_embeddings(table[1:], old_grid, new_grid)])
-    config.image_size = image_size
 
 
 def convert_checkpoint(
@@ -237,8 +220,7 @@ def convert_checkpoint(
     mask_token_id: int | None = None,
 ) -> tuple[Beit3PreTrainedModel, list[str]]:
     """Build our model for `task` from an original checkpoint file; returns (model, dropped pretraining-only keys)."""
-    if task not in TASK_CLASSES:
-        raise ConversionError(f"Unknown task {task!r}; choose one of {sorted(TASK_CLASSES)}.")
+    get_task(task)  # an unknown task fails before the checkpoint is read
     return model_from_state_dict(
         load_original_state_dict(checkpoint),
         task,
@@ -261,18 +243,17 @@ def model_from_state_dict(
     mask_token_id: int | None = None,
 ) -> tuple[Beit3PreTrainedModel, list[str]]:
     """Build our model for `task` from an original state dict; returns (model, dropped pretraining-only keys)."""
-    if task not in TASK_CLASSES:
-        raise ConversionError(f"Unknown task {task!r}; choose one of {sorted(TASK_CLASSES)}.")
+    model_class = get_task(task).model_class
     config = infer_config(state_dict, task, num_attention_heads, mask_token_id)
     converted, dropped = convert_state_dict(state_dict, task, ignore_unused)
-    model = TASK_CLASSES[task](config)
+    model = model_class(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(converted))
     if missing:
-        found = detect_task(state_dict)
-        hint = f" The checkpoint looks like a {found!r} checkpoint." if found != task else ""
-        raise ConversionError(f"{len(missing)} weights of --task {task} are missing from the checkpoint: "
-                              f"{_abbreviate(missing)}.{hint}")  # fmt: skip
+        raise ConversionError(
+            f"{len(missing)} weights of --task {task} are missing from the checkpoint: {abbreviate(missing)}."
+            + _task_hint(state_dict, task)
+        )
     for key, tensor in converted.items():
         if tensor.shape != expected[key].shape:
             raise ConversionError(
@@ -295,8 +276,6 @@ def verify_against_original(
     The original is built from `ours.config`, so an assumption both share (the attention head count, which the
     tensors do not reveal) cannot show up as a difference.
     """
-    from . import original
-
     reference = original.build_original_model(task, ours.config)
     reference_keys = reference.state_dict().keys()
     reference.load_state_dict({k: v.float() for k, v in state_dict.items() if k in reference_keys}, strict=True)
@@ -308,10 +287,18 @@ def verify_against_original(
 
 
 def resize_model(model: Beit3PreTrainedModel, image_size: int) -> Beit3PreTrainedModel:
-    """A copy of `model` for `image_size`, its vision position table resized as the original loader does."""
+    """A copy of `model` for `image_size`, its vision position table resized as the original loader does (bicubic
+    interpolation, CLS row kept)."""
     config = copy.deepcopy(model.config)
+    if image_size % config.patch_size:
+        raise ConversionError(f"--image-size {image_size} is not a multiple of the patch size {config.patch_size}.")
     state_dict = model.state_dict()
-    resize_vision_positions(state_dict, "" if isinstance(model, Beit3Model) else "beit3.", config, image_size)
+    key = f"{'' if isinstance(model, Beit3Model) else 'beit3.'}vision_embeddings.position_embedding.weight"
+    table = state_dict[key]
+    old_grid = (config.image_size // config.patch_size,) * 2
+    new_grid = (image_size // config.patch_size,) * 2
+    state_dict[key] = torch.cat([table[:1], resize_patch_position_embeddings(table[1:], old_grid, new_grid)])
+    config.image_size = image_size
     resized = type(model)(config)
     resized.load_state_dict(state_dict, strict=True)
     return resized.eval()
@@ -332,13 +319,6 @@ def prepare_output(output: Path, overwrite: bool) -> Path:
         return Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     except OSError as error:
         raise ConversionError(f"--output {output} cannot be written: {error}") from error
-
-
-def publish(staging: Path, output: Path) -> None:
-    """Replace `output` by the finished `staging` folder."""
-    if output.is_dir():
-        shutil.rmtree(output)
-    staging.rename(output)
 
 
 def random_inputs(config: Beit3Config, task: str, batch_size: int = 2, text_len: int = 8, seed: int = 0) -> dict:
@@ -408,17 +388,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = Path(args.output)
     try:
         staging = prepare_output(output, args.overwrite)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        model = convert_to(staging, args)
-        publish(staging, output)
+        try:
+            model = convert_to(staging, args)
+            if output.is_dir():  # only now is `output` replaced, by the finished staging folder
+                shutil.rmtree(output)
+            staging.rename(output)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     except (ConversionError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     config = model.config
     print(
         f"Saved {type(model).__name__} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
@@ -447,7 +426,7 @@ def convert_to(folder: Path, args: argparse.Namespace) -> Beit3PreTrainedModel:
         mask_token_id=args.mask_token_id,
     )
     if dropped:
-        print(f"Dropped {len(dropped)} keys not used by --task {args.task}: {_abbreviate(dropped)}")
+        print(f"Dropped {len(dropped)} keys not used by --task {args.task}: {abbreviate(dropped)}")
     if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
         raise ConversionError(
             f"The tokenizer {args.sentencepiece} has {len(tokenizer)} ids but the checkpoint's vocabulary has "

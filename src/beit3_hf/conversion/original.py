@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..models.beit3.configuration_beit3 import Beit3Config
+from .tasks import get_task
 
 
 def is_available() -> bool:
@@ -80,8 +81,6 @@ class _OriginalPretraining(_OriginalBackbone):
 
 def build_original_model(task: str, config: Beit3Config) -> nn.Module:
     """An original (unilm) model for `task` with the architecture of `config`, in eval mode."""
-    from .tasks import get_task
-
     spec = get_task(task)
     modeling_finetune, _ = import_original()
     args = encoder_config(config)
@@ -104,9 +103,8 @@ def run_original(
     bool_masked_pos: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run an original model with our input conventions; returns the outputs named as our models name them."""
-    padding_mask = (
-        None if attention_mask is None else (1 - attention_mask).long()
-    )  # ours: 1 = attend; original: 1 = pad
+    # ours: 1 = attend; original: 1 = pad
+    padding_mask = None if attention_mask is None else (1 - attention_mask).long()
     if task == "backbone":
         out = model.beit3(textual_tokens=input_ids, visual_tokens=pixel_values, text_padding_position=padding_mask)
         return {"last_hidden_state": out["encoder_out"]}

@@ -95,9 +95,6 @@ class RecordedObject:
         obj.__dict__["_pickle_list"] = []
         return obj
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
     def __setstate__(self, state: Any) -> None:  # the BUILD opcode
         self.__dict__["_pickle_state"] = state
 
@@ -145,10 +142,9 @@ class _Storage(_Sealed):
         self.data: torch.Tensor | None = None  # 1-D, `numel` elements of `dtype`
 
     def fill(self, raw: bytes) -> None:
-        element_size = torch.empty((), dtype=self.dtype).element_size()
-        if len(raw) != self.numel * element_size:
+        if len(raw) != self.numel * self.dtype.itemsize:
             raise UnsafePickleError(
-                f"storage {self.key!r}: {len(raw)} bytes in the file, {self.numel * element_size} expected"
+                f"storage {self.key!r}: {len(raw)} bytes in the file, {self.numel * self.dtype.itemsize} expected"
             )
         self.data = torch.frombuffer(bytearray(raw), dtype=self.dtype) if raw else torch.empty(0, dtype=self.dtype)
 
@@ -165,10 +161,6 @@ class _StorageView(_Sealed):
 
     def __init__(self, root: _Storage, offset: int, size: int) -> None:
         self.root, self.offset, self.size = root, offset, size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.root.dtype
 
     def flat(self) -> torch.Tensor:
         return self.root.flat()[self.offset : self.offset + self.size]
@@ -418,8 +410,7 @@ def _load_legacy(path: Path) -> Any:
             (numel,) = struct.unpack("<q", header)
             if numel != storage.numel:
                 raise UnsafePickleError(f"{path}: storage {key!r} has {numel} elements, {storage.numel} expected")
-            element_size = torch.empty((), dtype=storage.dtype).element_size()
-            storage.fill(file.read(numel * element_size))
+            storage.fill(file.read(numel * storage.dtype.itemsize))
     return root
 
 

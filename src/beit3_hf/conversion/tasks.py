@@ -38,6 +38,10 @@ _EXPERT = {"A": "vision", "B": "text"}
 LAYER_PATTERN = r"beit3\.encoder\.layers\.(\d+)\."
 
 
+class ConversionError(ValueError):
+    """The checkpoint cannot be converted as asked; the message says why."""
+
+
 @dataclass(frozen=True)
 class KeyRule:
     """One row of the mapping table: an original key pattern, our key template, and an optional tensor transform."""
@@ -199,5 +203,5 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in _TASK_LIST}
 def get_task(name: str) -> TaskSpec:
     """The spec of `--task name`; a clear error for an unknown name."""
     if name not in TASKS:
-        raise ValueError(f"Unknown task {name!r}; choose one of {sorted(TASKS)}.")
+        raise ConversionError(f"Unknown task {name!r}; choose one of {sorted(TASKS)}.")
     return TASKS[name]

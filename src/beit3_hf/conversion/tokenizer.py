@@ -37,16 +37,14 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, Unigram
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast  # `TokenizersBackend` in transformers 5
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-    from ..models.beit3.image_processing_beit3 import Beit3ImageProcessor
-    from ..models.beit3.processing_beit3 import Beit3Processor
+from ..models.beit3.image_processing_beit3 import Beit3ImageProcessor
+from ..models.beit3.processing_beit3 import DEFAULT_MAX_LENGTH, Beit3Processor
+from .tasks import get_task
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",
@@ -55,10 +53,6 @@ __all__ = [
     "load_sentencepiece_tokenizer",
     "processor_for_task",
 ]
-
-#: Default text length of the original fine-tuning recipes (``--num_max_bpe_tokens 64``; captioning used 32).
-DEFAULT_MAX_LENGTH = 64
-
 
 _BOS, _PAD, _EOS, _UNK, _MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
 
@@ -327,8 +321,6 @@ def load_sentencepiece_tokenizer(
         >>> tokenizer("a photo of a cat", padding="max_length", truncation=True).input_ids[:2]  # doctest: +SKIP
         [0, ...]
     """
-    from transformers import PreTrainedTokenizerFast  # `TokenizersBackend` in transformers 5
-
     model = _read_sentencepiece_file(Path(path))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=_build_backend(model),
@@ -361,9 +353,6 @@ def load_sentencepiece_tokenizer(
 def build_image_processor(*, task: str, image_size: int) -> Beit3ImageProcessor:
     """The eval image processor of a converter task (its preset in :data:`beit3_hf.conversion.tasks.TASKS`) at the
     checkpoint's resolution."""
-    from ..models.beit3.image_processing_beit3 import Beit3ImageProcessor
-    from .tasks import get_task
-
     return Beit3ImageProcessor(task=get_task(task).image_processor, image_size=image_size)
 
 
@@ -371,8 +360,6 @@ def processor_for_task(
     tokenizer: PreTrainedTokenizerBase, *, task: str, image_size: int, max_length: int = DEFAULT_MAX_LENGTH
 ) -> Beit3Processor:
     """A :class:`Beit3Processor` around `tokenizer` with the eval image transform of `task` at `image_size`."""
-    from ..models.beit3.processing_beit3 import Beit3Processor
-
     image_processor = build_image_processor(task=task, image_size=image_size)
     return Beit3Processor(image_processor=image_processor, tokenizer=tokenizer, max_length=max_length)
 

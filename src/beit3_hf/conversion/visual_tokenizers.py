@@ -33,21 +33,16 @@ from pathlib import Path
 
 import torch
 
+from beit3_hf.conversion.checkpoint import ConversionError, abbreviate, check_tensors, load_checkpoint_dict
 from beit3_hf.conversion.safe_pickle import PickledModule, UnsafePickleError, read_pickled_module
 from beit3_hf.models.dall_e import DallEConfig, DallEEncoderModel
 from beit3_hf.models.dall_e import register as register_dall_e
 from beit3_hf.models.vqkd import VqkdConfig, VqkdModel
 from beit3_hf.models.vqkd import register as register_vqkd
 
-
-class VisualTokenizerConversionError(ValueError):
-    """The checkpoint cannot be converted as asked; the message says why."""
-
-
-def _abbreviate(keys: Sequence[str], limit: int = 12) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+#: The checkpoint cannot be converted as asked; the message says why. The BEiT-3 converter's error, as the checks
+#: shared with it (reading the file, floating-point and finite tensors) raise it.
+VisualTokenizerConversionError = ConversionError
 
 
 def check_output_folder(output: str | Path, overwrite: bool = False) -> Path:
@@ -60,16 +55,6 @@ def check_output_folder(output: str | Path, overwrite: bool = False) -> Path:
             f"--output {output} is a non-empty folder; pass --overwrite to write into it anyway."
         )
     return output
-
-
-def _check_tensors(state_dict: dict[str, torch.Tensor], where: str) -> None:
-    for key, value in state_dict.items():
-        if not value.is_floating_point():
-            raise VisualTokenizerConversionError(
-                f"{where}: tensor {key!r} has dtype {value.dtype}, not floating point."
-            )
-        if not torch.isfinite(value).all():
-            raise VisualTokenizerConversionError(f"{where}: tensor {key!r} has non-finite values (nan or inf).")
 
 
 def _load_into(
@@ -85,7 +70,7 @@ def _load_into(
     if missing or unexpected:
         raise VisualTokenizerConversionError(
             f"{where}: the checkpoint does not fit the architecture read from it. Missing keys: "
-            f"{_abbreviate(missing) or 'none'}. Unexpected keys: {_abbreviate(unexpected) or 'none'}."
+            f"{abbreviate(missing) or 'none'}. Unexpected keys: {abbreviate(unexpected) or 'none'}."
         )
     wrong = [
         f"{original_name(key)} {tuple(value.shape)} (expected {tuple(expected[key].shape)})"
@@ -93,7 +78,7 @@ def _load_into(
         if value.shape != expected[key].shape
     ]
     if wrong:
-        raise VisualTokenizerConversionError(f"{where}: tensors of unexpected shape: {_abbreviate(wrong)}.")
+        raise VisualTokenizerConversionError(f"{where}: tensors of unexpected shape: {abbreviate(wrong)}.")
     model.load_state_dict({key: value.to(expected[key].dtype) for key, value in state_dict.items()}, strict=True)
 
 
@@ -163,30 +148,14 @@ VQKD_DROPPED_KEYS: dict[str, str] = {
 
 def load_vqkd_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a unilm beit2 VQ-KD checkpoint safely (`weights_only=True`) and return its state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise VisualTokenizerConversionError(f"Checkpoint {path} does not exist.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # not a torch file, truncated, or pickled code refused by weights_only
-        raise VisualTokenizerConversionError(
-            f"Could not read {path} as a state dict with torch.load(weights_only=True) "
-            f"({type(error).__name__}: {error})."
-        ) from error
-    if not isinstance(checkpoint, dict):
-        raise VisualTokenizerConversionError(f"{path} holds a {type(checkpoint).__name__}, not a state dict.")
-    # The original loader takes weights["model"], else weights["state_dict"].
-    for container in ("model", "state_dict"):
-        if isinstance(checkpoint.get(container), dict):
-            checkpoint = checkpoint[container]
-            break
+    checkpoint = load_checkpoint_dict(path, ("model", "state_dict"))  # as the original loader: weights["model"], ...
     non_tensors = sorted(key for key, value in checkpoint.items() if not isinstance(value, torch.Tensor))
     if non_tensors:
-        raise VisualTokenizerConversionError(f"{path}: entries that are not tensors: {_abbreviate(non_tensors)}.")
+        raise VisualTokenizerConversionError(f"{path}: entries that are not tensors: {abbreviate(non_tensors)}.")
     if "quantize.embedding.weight" not in checkpoint or "encoder.pos_embed" not in checkpoint:
         raise VisualTokenizerConversionError(
             f"{path} is not a BEiT v2 VQ-KD checkpoint: no 'quantize.embedding.weight' / 'encoder.pos_embed' among "
-            f"its keys ({_abbreviate(list(checkpoint))})."
+            f"its keys ({abbreviate(list(checkpoint))})."
         )
     return checkpoint
 
@@ -210,7 +179,7 @@ def map_vqkd_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
     if unknown:
         raise VisualTokenizerConversionError(
             f"Keys that are neither part of the VQ-KD tokenizer nor known decoder / training-only keys: "
-            f"{_abbreviate(unknown)}. Is this a BEiT v2 VQ-KD checkpoint?"
+            f"{abbreviate(unknown)}. Is this a BEiT v2 VQ-KD checkpoint?"
         )
     return mapped, {reason: keys for reason, keys in dropped.items() if keys}
 
@@ -259,7 +228,7 @@ def convert_vqkd(
     state_dict = load_vqkd_state_dict(checkpoint)
     mapped, dropped = map_vqkd_keys(state_dict)
     dropped_keys = {key for keys in dropped.values() for key in keys}
-    _check_tensors({key: value for key, value in state_dict.items() if key not in dropped_keys}, "VQ-KD")
+    check_tensors({key: value for key, value in state_dict.items() if key not in dropped_keys}, {})
     config = infer_vqkd_config(state_dict, num_attention_heads)
     model = VqkdModel(config)
     _load_into(model, mapped, "VQ-KD", vqkd_original_name)
@@ -364,8 +333,8 @@ def convert_dall_e(checkpoint: str | Path, dtype: torch.dtype = torch.float32) -
     state_dict = module.state_dict()
     unused = [key for key in state_dict if _dall_e_target(key) is None]
     if unused:
-        raise VisualTokenizerConversionError(f"Tensors that are not dVAE encoder weights: {_abbreviate(unused)}.")
-    _check_tensors(state_dict, "dVAE encoder")
+        raise VisualTokenizerConversionError(f"Tensors that are not dVAE encoder weights: {abbreviate(unused)}.")
+    check_tensors(state_dict, {})
     config = infer_dall_e_config(module, state_dict)
     model = DallEEncoderModel(config)
     converted = {_dall_e_target(key): value for key, value in state_dict.items()}
@@ -411,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for reason, keys in dropped.items():
-        print(f"Dropped {len(keys)} keys, {reason}: {_abbreviate(keys, limit=4)}")
+        print(f"Dropped {len(keys)} keys, {reason}: {abbreviate(keys, limit=4)}")
     register_vqkd()
     register_dall_e()
     model.save_pretrained(output)

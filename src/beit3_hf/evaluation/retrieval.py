@@ -225,12 +225,6 @@ def retrieval_recall_from_embeddings(
     return recall_from_ranks(text_ranks, image_ranks, ks)
 
 
-def _embeddings(output: Any) -> torch.Tensor:
-    """The embedding tensor of `get_image_features` / `get_text_features`: the tensor itself, or the
-    `pooler_output` of the output object that transformers 5-style models return."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
 @torch.no_grad()
 def evaluate_retrieval(
     model: torch.nn.Module,
@@ -261,7 +255,9 @@ def evaluate_retrieval(
             loader = accelerator.prepare_data_loader(loader)
         chunks = []
         for batch in loader:
-            embeds = _embeddings(embed({key: value.to(device) for key, value in batch.items()}))
+            embeds = embed({key: value.to(device) for key, value in batch.items()})
+            if not isinstance(embeds, torch.Tensor):  # transformers 5-style models return an output object
+                embeds = embeds.pooler_output
             chunks.append(accelerator.gather_for_metrics(embeds) if accelerator is not None else embeds)
         return torch.cat(chunks).float().cpu()
 

@@ -66,29 +66,8 @@ _NUMBERS = {
 }
 _NUMBERS["none"] = "0"
 _ARTICLES = frozenset({"a", "an", "the"})
-_PUNCTUATION = (
-    ";",
-    "/",
-    "[",
-    "]",
-    '"',
-    "{",
-    "}",
-    "(",
-    ")",
-    "=",
-    "+",
-    "\\",
-    "_",
-    "-",
-    ">",
-    "<",
-    "@",
-    "`",
-    ",",
-    "?",
-    "!",
-)
+# The VQA evaluation's punctuation marks, in its order.
+_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
 # A period not followed by a digit. The original pattern's `(?!<=\d)` is a (harmless) typo for a look-behind; it
 # is kept so that the rule is the original's, character for character.
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")

@@ -239,10 +239,8 @@ class BlockMaskingGenerator:
 
 
 def _worker_id() -> int | None:
-    """The torch data-loader worker id of this process, or None in the main process (or without torch)."""
-    try:
-        from torch.utils.data import get_worker_info
-    except ImportError:  # pragma: no cover - torch is a dependency of the package
-        return None
+    """The torch data-loader worker id of this process, or None in the main process."""
+    from torch.utils.data import get_worker_info
+
     info = get_worker_info()
     return None if info is None else info.id

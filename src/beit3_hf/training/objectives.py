@@ -145,17 +145,14 @@ def mask_tokens(
     """
     ids = list(input_ids)
     labels = [-100] * len(ids)
-    if starts is None:
-        units = [[i] for i in range(len(ids)) if not special[i]]
-    else:  # whole words: a word is a start token and the non-start tokens after it
-        units = []
-        for i in range(len(ids)):
-            if special[i]:
-                continue
-            if starts[i] or not units or units[-1][-1] != i - 1:
-                units.append([i])
-            else:
-                units[-1].append(i)
+    units: list[list[int]] = []  # tokens, or with `starts` words: a start token and the non-start tokens after it
+    for i in range(len(ids)):
+        if special[i]:
+            continue
+        if starts is None or starts[i] or not units or units[-1][-1] != i - 1:
+            units.append([i])
+        else:
+            units[-1].append(i)
     chosen = rng.random(len(units)) < probability
     actions = rng.random(len(units))
     random_ids = rng.integers(0, vocab_size, len(units))

@@ -1,23 +1,17 @@
 """What the example scripts share, so that no run loses its model or its progress and no bad image goes unnoticed.
 
-- `ScriptTrainingArguments`: `TrainingArguments` plus `--overwrite_output_dir`, `--ignore_missing_optimizer_state`,
-  `--check_images`, `--skip_undecodable_images` and `--early_stopping_patience`.
-- `resolve_checkpoint`: transformers' `get_last_checkpoint` behaviour made strict: resume from the last *complete*
-  checkpoint of `output_dir`, refuse a non-empty `output_dir` without checkpoints, `--resume_from_checkpoint last`,
-  and refuse checkpoints without optimizer / scheduler state unless asked.
-- Images: `beit3_hf.data.loaders` decodes them (`open_image`, `check_images`, `ImageRowDecoder`) with errors that
-  name the file; `Beit3Trainer` writes the report of the training images it had to skip.
+- `ScriptTrainingArguments`: `TrainingArguments` plus the options every script adds (resume, image checks, early
+  stopping); `resolve_checkpoint`: transformers' `get_last_checkpoint` made strict (complete checkpoints only).
 - `start_run` (`parse_script_args`, `setup_logging`, `check_distributed_launch`, `resolve_checkpoint`, seeding),
-  `load_config`, `save_final_model`, `run_stages`: the scripts' common set-up, the stages (evaluate before training, train, evaluate, predict) with their metrics
-  files, and the save that happens before any evaluation.
-- The vision-language scripts (retrieval, VQA, NLVR2, captioning) share their model options (`ModelArguments`:
-  `--model_name_or_path`, `--config_name` + `--config_overrides`, `--sentencepiece_model` or
-  `--tokenizer_name_or_path`, `--trust_remote_code`), their text / augmentation options (`ImageTextDataArguments`),
-  `--layer_decay` and `--eval_before_training` (`ImageTextTrainingArguments`), and their text and image inputs:
-  `load_processor` (any tokenizer), `fit_text_vocabulary` (embeddings resized to the tokenizer, special-token ids
-  from it; `set_special_token_ids`, `keep_special_token_ids`) and `train_image_transform`.
+  `load_config`, `save_final_model`, `run_stages`: the common set-up, the stages (evaluate before training, train,
+  evaluate, predict) with their metrics files, and the save that happens before any evaluation.
+- The vision-language scripts (retrieval, VQA, NLVR2, captioning) share `ModelArguments`, `ImageTextDataArguments`,
+  `ImageTextTrainingArguments`, `ImageTextCollator` and their text and image inputs: `load_processor` (any
+  tokenizer), `fit_text_vocabulary` (embeddings resized to the tokenizer, special-token ids from it) and
+  `train_image_transform`.
 
-Library code for the example scripts (never shipped in a checkpoint folder).
+Images are decoded by `beit3_hf.data.loaders` with errors that name the file. Library code for the example scripts
+(never shipped in a checkpoint folder).
 """
 
 from __future__ import annotations
@@ -475,17 +469,13 @@ def run_stages(
     1. `--eval_before_training`: `evaluate("before")`;
     2. `--do_train`: train (from `checkpoint`), then save the model, its processor and a model card (`card`: the
        `description`, `tags`, ... of `write_model_card`) before any evaluation, so that a failing evaluation never
-       costs them; the train metrics
-       get `train_samples`, `train_skipped_images` and `train_metrics`;
+       costs them; the train metrics get `train_samples`, `train_skipped_images` and `train_metrics`;
     3. `--do_eval`: `evaluate("eval")`; 4. `--do_predict`: `predict()`;
     5. after training and an evaluation, the model card again, with the results.
 
     Returns every metric.
     """
     results: dict[str, float] = {}
-
-    def model_card(results: dict[str, float] | None) -> dict[str, Any]:
-        return {"results": results, **card}
 
     def report(split: str, metrics: dict[str, float]) -> None:
         trainer.log_metrics(split, metrics)
@@ -503,7 +493,7 @@ def run_stages(
         if trainer.train_dataset is None:
             raise ValueError("--do_train: no training data.")
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        save_final_model(trainer, **model_card(None))
+        save_final_model(trainer, **card)
         metrics = dict(train_result.metrics, train_samples=len(trainer.train_dataset), **(train_metrics or {}))
         metrics["train_skipped_images"] = len(getattr(trainer, "skipped_images", ()))
         report("train", metrics)
@@ -513,7 +503,7 @@ def run_stages(
     if training_args.do_predict:
         report("test", need(predict, "--do_predict")())
     if training_args.do_train and (training_args.do_eval or training_args.do_predict):
-        write_model_card(trainer, **model_card(results))
+        write_model_card(trainer, results=results, **card)
     return results
 
 
@@ -627,8 +617,6 @@ class ImageTextCollator:
         self.processor = processor
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
         from ..data.loaders import gather_skipped
 
         text = self.processor(text=[item[self.text_key] for item in items], return_tensors="pt")

@@ -209,12 +209,8 @@ def _one_caption(objects: Sequence[SceneObject], rng: random.Random) -> str:
     objs = list(objects)
     rng.shuffle(objs)  # word-order variation: objects are mentioned in any order
     style = rng.randrange(5)
-    if style == 0:
-        return " and ".join(_located(o, rng) for o in objs)
-    if style == 1:
-        return "there is " + " and ".join(_located(o, rng) for o in objs)
-    if style == 2:
-        return "an image of " + " and ".join(_located(o, rng) for o in objs)
+    if style < 3:
+        return ("", "there is ", "an image of ")[style] + " and ".join(_located(o, rng) for o in objs)
     if style == 3:
         return " and ".join(_position_first(o, rng) for o in objs)
     # style 4: "X with Y [and Z]"
@@ -266,6 +262,10 @@ def generate_captions(
     raise ValueError(f"could not find {count} distinct captions for {list(objects)}")
 
 
+def _in_reading_order(objects: Iterable[SceneObject]) -> tuple[SceneObject, ...]:
+    return tuple(sorted(objects, key=lambda o: POSITIONS.index(o.position)))
+
+
 def describe_scene(objects: Iterable[SceneObject]) -> str:
     """The canonical caption of a scene (objects in reading order, first synonyms).
 
@@ -273,7 +273,7 @@ def describe_scene(objects: Iterable[SceneObject]) -> str:
         >>> describe_scene([SceneObject("blue", "square", "bottom right"), SceneObject("red", "circle", "top left")])
         'a red circle in the top left and a blue square in the bottom right'
     """
-    ordered = sorted(objects, key=lambda o: POSITIONS.index(o.position))
+    ordered = _in_reading_order(objects)
     return " and ".join(f"{_article(o.colour)} {o.colour} {o.shape} in the {o.position}" for o in ordered)
 
 
@@ -465,30 +465,25 @@ def generate_synthetic_samples(
         raise ValueError("holdout_eval_scenes=True leaves no scenes for training")
 
     scenes: dict[str, list[Scene]] = {}
-    taken: set[Scene] = set()
-    for split in ("test", "val"):  # unique scenes; test first so that it does not depend on num_val
+    taken: set[Scene] = set()  # the val and test scenes
+    # Evaluation scenes are unique; test first so that it does not depend on num_val.
+    for split in ("test", "val", "train", "restval"):
         rng = random.Random(f"beit3-synthetic:{seed}:scenes:{split}")
-        chosen: list[Scene] = []
-        while len(chosen) < counts[split]:
+        evaluation = split in ("test", "val")
+        scenes[split] = []
+        while len(scenes[split]) < counts[split]:
             scene = _random_scene(rng, colours, shapes, max_objects)
-            if scene not in taken:
+            if scene in taken and (evaluation or holdout_eval_scenes):
+                continue
+            if evaluation:
                 taken.add(scene)
-                chosen.append(scene)
-        scenes[split] = chosen
-    for split in ("train", "restval"):
-        rng = random.Random(f"beit3-synthetic:{seed}:scenes:{split}")
-        chosen = []
-        while len(chosen) < counts[split]:
-            scene = _random_scene(rng, colours, shapes, max_objects)
-            if not (holdout_eval_scenes and scene in taken):
-                chosen.append(scene)
-        scenes[split] = chosen
+            scenes[split].append(scene)
 
     samples: list[SyntheticSample] = []
     for split in _SPLITS:
         rng = random.Random(f"beit3-synthetic:{seed}:captions:{split}")
         for i, scene in enumerate(scenes[split]):
-            objects = tuple(sorted(scene, key=lambda o: POSITIONS.index(o.position)))
+            objects = _in_reading_order(scene)
             captions = generate_captions(objects, captions_per_image, rng, language)
             filename = f"synthetic_{len(samples):06d}.{image_format}"
             samples.append(SyntheticSample(split, filename, objects, captions, f"beit3-synthetic:{seed}:{split}:{i}"))
@@ -555,17 +550,59 @@ def _json_bytes(obj: object) -> bytes:
     return (json.dumps(obj, indent=None, ensure_ascii=True) + "\n").encode("utf-8")
 
 
-def _paths(root: Path, splits: Iterable[str], class_names: Sequence[str]) -> SyntheticDatasetPaths:
-    return SyntheticDatasetPaths(
-        root=root,
-        karpathy_json=root / KARPATHY_NAME,
-        image_root=root,
-        images_dir=root / "images",
-        caption_jsonl={split: root / f"captions_{split}.jsonl" for split in splits},
-        imagenet=root / "imagenet",
-        manifest=root / MANIFEST_NAME,
-        class_names=tuple(class_names),
-    )
+def _write_owned_folder(
+    root: Path,
+    config: dict,
+    make_files: Callable[[], dict[str, bytes]],
+    force: bool,
+    owned_dirs: Sequence[str] = ("",),
+    owned_files: Sequence[str] = (),
+) -> None:
+    """Write ``make_files()`` under ``root`` with a manifest (see :func:`write_synthetic_dataset`): nothing is
+    rewritten when the folder already holds this configuration complete, a foreign non-empty folder is refused,
+    and files of an earlier configuration are removed from ``owned_dirs`` (by default the whole folder) and
+    ``owned_files``."""
+    manifest_path = root / MANIFEST_NAME
+    manifest: dict | None = None
+    if root.exists():
+        if not root.is_dir():
+            raise NotADirectoryError(f"{root} exists and is not a directory")
+        if manifest_path.is_file():
+            try:
+                manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{manifest_path}: unreadable manifest ({err}); delete {root} and retry") from err
+        elif any(root.iterdir()):
+            raise FileExistsError(
+                f"{root} is not empty and has no {MANIFEST_NAME}: refusing to write the synthetic dataset into a "
+                "folder it did not create; choose an empty or new folder"
+            )
+    if (
+        not force
+        and manifest is not None
+        and manifest.get("complete")
+        and manifest.get("config") == config
+        and all((root / rel).is_file() and (root / rel).stat().st_size == size for rel, size in manifest["files"])
+    ):
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    # Mark the folder as ours before writing anything, so that an interrupted run can be resumed.
+    _write_if_changed(manifest_path, _json_bytes({"complete": False, "config": config, "files": []}))
+    files = make_files()
+    for rel, data in files.items():
+        _write_if_changed(root / rel, data)
+    for folder in owned_dirs:
+        for path in sorted((root / folder).rglob("*"), reverse=True):
+            rel = path.relative_to(root).as_posix()
+            if path.is_file() and rel not in files and path != manifest_path:
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+    for rel in owned_files:
+        if rel not in files and (root / rel).is_file():
+            (root / rel).unlink()
+    listing = sorted([rel, len(data)] for rel, data in files.items())
+    _write_if_changed(manifest_path, _json_bytes({"complete": True, "config": config, "files": listing}))
 
 
 def write_synthetic_dataset(
@@ -636,136 +673,64 @@ def write_synthetic_dataset(
     class_names = [f"{c}_{s}" for c in colours for s in shapes]
     counts = {"train": num_train, "restval": num_restval, "val": num_val, "test": num_test}
     splits = [s for s in _SPLITS if counts[s] > 0]
-    paths = _paths(root, splits, class_names)
-
-    manifest: dict | None = None
-    if root.exists():
-        if not root.is_dir():
-            raise NotADirectoryError(f"{root} exists and is not a directory")
-        if paths.manifest.is_file():
-            try:
-                manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as err:
-                raise ValueError(f"{paths.manifest}: unreadable manifest ({err}); delete {root} and retry") from err
-        elif any(root.iterdir()):
-            raise FileExistsError(
-                f"{root} is not empty and has no {MANIFEST_NAME}: refusing to write the synthetic dataset into a "
-                "folder it did not create; choose an empty or new folder"
-            )
-    if (
-        not force
-        and manifest is not None
-        and manifest.get("complete")
-        and manifest.get("config") == config
-        and all((root / rel).is_file() and (root / rel).stat().st_size == size for rel, size in manifest["files"])
-    ):
-        return paths
-
-    root.mkdir(parents=True, exist_ok=True)
-    # Mark the folder as ours before writing anything, so that an interrupted run can be resumed.
-    _write_if_changed(paths.manifest, _json_bytes({"complete": False, "config": config, "files": []}))
-
-    samples = generate_synthetic_samples(
-        num_train=num_train,
-        num_val=num_val,
-        num_test=num_test,
-        num_restval=num_restval,
-        captions_per_image=captions_per_image,
-        max_objects=max_objects,
-        num_colours=num_colours,
-        num_shapes=num_shapes,
-        holdout_eval_scenes=holdout_eval_scenes,
-        image_format=image_format,
-        seed=seed,
-        language=language,
+    paths = SyntheticDatasetPaths(
+        root=root,
+        karpathy_json=root / KARPATHY_NAME,
+        image_root=root,
+        images_dir=root / "images",
+        caption_jsonl={split: root / f"captions_{split}.jsonl" for split in splits},
+        imagenet=root / "imagenet",
+        manifest=root / MANIFEST_NAME,
+        class_names=tuple(class_names),
     )
-    files: dict[str, bytes] = {}
-    for s in samples:
-        files[f"images/{s.filename}"] = _encode(render_scene(s.objects, image_size, s.render_seed), image_format)
-    files[KARPATHY_NAME] = _json_bytes(_karpathy_json(samples))
-    for split in splits:
-        lines = [
-            json.dumps({"image": f"images/{s.filename}", "caption": c}, ensure_ascii=language == "en")
-            for s in samples
-            if s.split == split
-            for c in s.captions
-        ]
-        files[f"captions_{split}.jsonl"] = ("\n".join(lines) + "\n").encode("utf-8")
-    for split, per_class in (("train", classification_train_per_class), ("val", classification_val_per_class)):
-        rng = random.Random(f"beit3-synthetic:{seed}:classification:{split}")
-        for colour in colours:
-            for shape in shapes:
-                for i in range(per_class):
-                    obj = SceneObject(colour, shape, rng.choice(POSITIONS))
-                    image = render_scene([obj], image_size, f"beit3-synthetic:{seed}:cls:{split}:{colour}:{shape}:{i}")
-                    name = f"imagenet/{split}/{colour}_{shape}/{colour}_{shape}_{split}_{i:05d}.JPEG"
-                    files[name] = _encode(image, "jpg")
 
-    for rel, data in files.items():
-        _write_if_changed(root / rel, data)
-    # Remove leftovers of an earlier configuration (only inside the folders this generator owns).
-    for owned in (paths.images_dir, paths.imagenet):
-        if owned.is_dir():
-            for path in sorted(owned.rglob("*"), reverse=True):
-                rel = path.relative_to(root).as_posix()
-                if path.is_file() and rel not in files:
-                    path.unlink()
-                elif path.is_dir() and not any(path.iterdir()):
-                    path.rmdir()
-    for split in _SPLITS:
-        stale = root / f"captions_{split}.jsonl"
-        if split not in splits and stale.is_file():
-            stale.unlink()
-    listing = sorted([rel, len(data)] for rel, data in files.items())
-    _write_if_changed(paths.manifest, _json_bytes({"complete": True, "config": config, "files": listing}))
+    def make_files() -> dict[str, bytes]:
+        samples = generate_synthetic_samples(
+            num_train=num_train,
+            num_val=num_val,
+            num_test=num_test,
+            num_restval=num_restval,
+            captions_per_image=captions_per_image,
+            max_objects=max_objects,
+            num_colours=num_colours,
+            num_shapes=num_shapes,
+            holdout_eval_scenes=holdout_eval_scenes,
+            image_format=image_format,
+            seed=seed,
+            language=language,
+        )
+        files: dict[str, bytes] = {}
+        for s in samples:
+            files[f"images/{s.filename}"] = _encode(render_scene(s.objects, image_size, s.render_seed), image_format)
+        files[KARPATHY_NAME] = _json_bytes(_karpathy_json(samples))
+        for split in splits:
+            lines = [
+                json.dumps({"image": f"images/{s.filename}", "caption": c}, ensure_ascii=language == "en")
+                for s in samples
+                if s.split == split
+                for c in s.captions
+            ]
+            files[f"captions_{split}.jsonl"] = ("\n".join(lines) + "\n").encode("utf-8")
+        for split, per_class in (("train", classification_train_per_class), ("val", classification_val_per_class)):
+            rng = random.Random(f"beit3-synthetic:{seed}:classification:{split}")
+            for colour in colours:
+                for shape in shapes:
+                    for i in range(per_class):
+                        obj = SceneObject(colour, shape, rng.choice(POSITIONS))
+                        seed_text = f"beit3-synthetic:{seed}:cls:{split}:{colour}:{shape}:{i}"
+                        name = f"imagenet/{split}/{colour}_{shape}/{colour}_{shape}_{split}_{i:05d}.JPEG"
+                        files[name] = _encode(render_scene([obj], image_size, seed_text), "jpg")
+        return files
+
+    # Only images/, imagenet/ and the caption files are the generator's: other files under root are left alone.
+    caption_files = [f"captions_{split}.jsonl" for split in _SPLITS]
+    _write_owned_folder(root, config, make_files, force, ("images", "imagenet"), caption_files)
     return paths
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # VQAv2 and NLVR2 layouts
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _write_owned_folder(root: Path, config: dict, make_files: Callable[[], dict[str, bytes]], force: bool) -> None:
-    """Write ``make_files()`` under ``root`` with a manifest, as :func:`write_synthetic_dataset` does: nothing is
-    rewritten when the folder already holds this configuration complete, a foreign non-empty folder is refused,
-    and files of an earlier configuration are removed (the whole folder is the generator's)."""
-    manifest_path = root / MANIFEST_NAME
-    manifest: dict | None = None
-    if root.exists():
-        if not root.is_dir():
-            raise NotADirectoryError(f"{root} exists and is not a directory")
-        if manifest_path.is_file():
-            try:
-                manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as err:
-                raise ValueError(f"{manifest_path}: unreadable manifest ({err}); delete {root} and retry") from err
-        elif any(root.iterdir()):
-            raise FileExistsError(
-                f"{root} is not empty and has no {MANIFEST_NAME}: refusing to write the synthetic dataset into a "
-                "folder it did not create; choose an empty or new folder"
-            )
-    if (
-        not force
-        and manifest is not None
-        and manifest.get("complete")
-        and manifest.get("config") == config
-        and all((root / rel).is_file() and (root / rel).stat().st_size == size for rel, size in manifest["files"])
-    ):
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    _write_if_changed(manifest_path, _json_bytes({"complete": False, "config": config, "files": []}))
-    files = make_files()
-    for rel, data in files.items():
-        _write_if_changed(root / rel, data)
-    for path in sorted(root.rglob("*"), reverse=True):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and rel not in files and path != manifest_path:
-            path.unlink()
-        elif path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-    listing = sorted([rel, len(data)] for rel, data in files.items())
-    _write_if_changed(manifest_path, _json_bytes({"complete": True, "config": config, "files": listing}))
 
 
 def _task_config(
@@ -788,17 +753,13 @@ def _task_config(
 
 
 def _scenes(rng: random.Random, count: int, colours: Sequence[str], shapes: Sequence[str], max_objects: int) -> list:
-    return [
-        tuple(sorted(_random_scene(rng, colours, shapes, max_objects), key=lambda o: POSITIONS.index(o.position)))
-        for _ in range(count)
-    ]
+    return [_in_reading_order(_random_scene(rng, colours, shapes, max_objects)) for _ in range(count)]
 
 
 # -- VQA ----------------------------------------------------------------------------------------------------------
 
 #: The VQAv2 splits the synthetic VQA dataset writes: (questions split, image folder, annotated).
 VQA_SPLITS = (("train2014", "train2014", True), ("val2014", "val2014", True), ("test-dev2015", "test2015", False))
-_COUNT_WORDS = {1: "1", 2: "2", 3: "3", 4: "4"}
 
 
 @dataclass(frozen=True)
@@ -839,7 +800,7 @@ def vqa_questions_for_scene(
         o = by_cell.get(cell) or SceneObject(rng.choice(colours[:4]), rng.choice(shapes[:3]), cell)
         colour = rng.choice([c for c in colours[:4] if c != o.colour]) if cell in by_cell else o.colour
         candidates.append((f"is there a {colour} {o.shape} in the {cell}?", "no", "yes/no", "is there a"))
-    candidates.append(("how many shapes are there?", _COUNT_WORDS[len(objects)], "number", "how many"))
+    candidates.append(("how many shapes are there?", str(len(objects)), "number", "how many"))
     rng.shuffle(candidates)
     return candidates[:count]
 
@@ -1113,19 +1074,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k not in ("output", "quiet", "task", "spm_vocab_size")}
     common = {k: options[k] for k in ("image_size", "max_objects", "num_colours", "num_shapes", "seed", "force")}
+    paths: SyntheticDatasetPaths | SyntheticVqaPaths | SyntheticNlvr2Paths
     try:
         if args.task == "vqa":
-            vqa = write_synthetic_vqa(
+            paths = write_synthetic_vqa(
                 args.output, num_train_images=args.num_train, num_val_images=args.num_val, num_test_images=args.num_test,
                 **common,
             )  # fmt: skip
-            summary = {k: str(v) for k, v in asdict(vqa).items()}
         elif args.task == "nlvr2":
-            nlvr2 = write_synthetic_nlvr2(
+            paths = write_synthetic_nlvr2(
                 args.output, num_train_pairs=args.num_train, num_dev_pairs=args.num_val, num_test_pairs=args.num_test,
                 **common,
             )  # fmt: skip
-            summary = {k: str(v) for k, v in asdict(nlvr2).items()}
         else:
             paths = write_synthetic_dataset(args.output, **options)
         if args.spm_vocab_size:
@@ -1133,14 +1093,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  args.spm_vocab_size)  # fmt: skip
     except (ValueError, OSError) as err:
         parser.exit(2, f"error: {err}\n")
-    if args.task != "retrieval":
-        if not args.quiet:
-            print(json.dumps(summary, indent=2))
-        return 0
     if not args.quiet:
         summary = {k: str(v) for k, v in asdict(paths).items() if k not in ("caption_jsonl", "class_names")}
-        summary["caption_jsonl"] = {k: str(v) for k, v in paths.caption_jsonl.items()}  # type: ignore[assignment]
-        summary["num_classes"] = str(len(paths.class_names))
+        if isinstance(paths, SyntheticDatasetPaths):
+            summary["caption_jsonl"] = {k: str(v) for k, v in paths.caption_jsonl.items()}  # type: ignore[assignment]
+            summary["num_classes"] = str(len(paths.class_names))
         print(json.dumps(summary, indent=2))
     return 0
 

@@ -17,7 +17,6 @@ Library code (never shipped in a checkpoint folder).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .loaders import IMAGE_EXTENSIONS, check_images_exist, load_karpathy_split
+from .loaders import IMAGE_EXTENSIONS, check_images_exist, load_karpathy_split, read_json
 
 __all__ = [
     "CaptionRecord",
@@ -61,8 +60,7 @@ def load_karpathy_captions(
     (COCO), else the Flickr30k ``imgid`` / the running index. Validation and image checks are
     :func:`beit3_hf.data.load_karpathy_split`'s (errors name the file and entry)."""
     records = load_karpathy_split(json_path, image_root, split, include_restval=include_restval)
-    with open(json_path, encoding="utf-8") as f:
-        images = json.load(f)["images"]
+    images = read_json(Path(json_path))["images"]
     wanted = {split, "restval"} if split == "train" and include_restval else {split}
     ids = [entry.get("cocoid", entry.get("imgid")) for entry in images if entry.get("split") in wanted]
     return [
@@ -84,12 +82,7 @@ def load_caption_references(path: str | os.PathLike[str]) -> dict[int | str, lis
         {3: ['A cat.', 'A kitten.']}
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
+    data = read_json(path)
     annotations = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(annotations, list) or not annotations:
         raise ValueError(f"{path}: expected a COCO caption file, an object with a non-empty 'annotations' list")
@@ -132,7 +125,7 @@ def image_folder_records(
         info_path = Path(image_info)
         if not info_path.is_file():
             raise FileNotFoundError(f"{info_path}: no such image-info file")
-        data = json.loads(info_path.read_text(encoding="utf-8"))
+        data = read_json(info_path)
         images = data.get("images") if isinstance(data, dict) else None
         if not isinstance(images, list) or not images:
             raise ValueError(

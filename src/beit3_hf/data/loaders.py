@@ -11,13 +11,12 @@ Retrieval:
   encodes every image once and every caption once (see :mod:`beit3_hf.evaluation.retrieval`); its images are a
   ``datasets.Dataset`` too.
 
-The loaders are the validation layer: they parse the files themselves, so that every error names the file and the
-entry or line (``datasets``' JSON reader names neither), then hand plain records to ``datasets``.
+The loaders are the validation layer: they parse and check the files up front themselves, so that every error
+names the file and the entry or line (``datasets``' JSON reader names neither), then hand plain records to
+``datasets``.
 
 Classification: :func:`load_imagefolder` reads an ImageNet-style ``train/CLASS/*.JPEG`` + ``val/CLASS/*.JPEG`` folder
 through Hugging Face ``datasets``, without touching the network.
-
-Every loader checks its input up front and raises an error that names the offending file (and entry or line).
 
 Images: :func:`open_image` decodes one with an error naming the file (Pillow's "image file is truncated" does not),
 :func:`check_images` decodes a whole set up front, and :class:`ImageRowDecoder` / :func:`transform_with_skipping`
@@ -58,6 +57,7 @@ __all__ = [
     "load_imagefolder",
     "load_karpathy_split",
     "open_image",
+    "read_json",
     "read_json_items",
     "read_text",
     "retrieval_pair_dataset",
@@ -71,6 +71,12 @@ VALIDATION_FOLDER_NAMES: tuple[str, ...] = ("val", "validation", "valid")
 _MAX_LISTED = 5
 
 logger = logging.getLogger(__name__)
+
+
+def _first_few(items: Sequence[str]) -> str:
+    """The first `_MAX_LISTED` items, one per indented line, and how many more there are."""
+    more = f"\n  ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return "\n  " + "\n  ".join(items[:_MAX_LISTED]) + more
 
 
 @dataclass(frozen=True)
@@ -105,10 +111,8 @@ def check_images_exist(paths: Iterable[str | os.PathLike[str]], *, source: str |
     paths = list(paths)
     missing = [str(p) for p in paths if not os.path.isfile(p)]
     if missing:
-        listed = "\n  ".join(missing[:_MAX_LISTED])
-        more = f"\n  ... and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
         raise FileNotFoundError(
-            f"{source}: {len(missing)} of {len(paths)} image files are missing, e.g.:\n  {listed}{more}"
+            f"{source}: {len(missing)} of {len(paths)} image files are missing, e.g.:{_first_few(missing)}"
         )
 
 
@@ -125,9 +129,10 @@ def read_text(path: Path) -> str:
         ) from err
 
 
-def read_json_items(path: Path) -> list[tuple[str, Any]]:
+def read_json_items(path: Path, text: str | None = None) -> list[tuple[str, Any]]:
     """``(location, item)`` of every item of a JSON list (``"file: item i"``) or JSON Lines file (``"file:line"``,
-    blank lines skipped); invalid JSON raises a `ValueError` naming the file and line.
+    blank lines skipped); invalid JSON raises a `ValueError` naming the file and line. ``text``: the file's text,
+    if already read.
 
     Example:
         >>> import tempfile, pathlib
@@ -136,12 +141,9 @@ def read_json_items(path: Path) -> list[tuple[str, Any]]:
         >>> [(where.rsplit("/", 1)[-1], item) for where, item in read_json_items(path)]
         [('items.jsonl:1', {'a': 1}), ('items.jsonl:3', 'b')]
     """
-    text = read_text(path)
+    text = read_text(path) if text is None else text
     if text.lstrip().startswith("["):
-        try:
-            return [(f"{path}: item {i}", item) for i, item in enumerate(json.loads(text))]
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
+        return [(f"{path}: item {i}", item) for i, item in enumerate(read_json(path, text))]
     items = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -153,9 +155,19 @@ def read_json_items(path: Path) -> list[tuple[str, Any]]:
     return items
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path, text: str | None = None) -> Any:
+    """A UTF-8 JSON file (or its ``text``, if already read); invalid JSON raises a `ValueError` naming the file and
+    line.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "bad.json"
+        >>> read_json(path, '{"a": [1,\\n ]}')  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: ...bad.json:2: invalid JSON: Expecting value
+    """
     try:
-        return json.loads(read_text(path))
+        return json.loads(read_text(path) if text is None else text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
 
@@ -212,7 +224,7 @@ def load_karpathy_split(
     """
     json_path = Path(json_path)
     image_root = Path(image_root)
-    data = _read_json(json_path)
+    data = read_json(json_path)
     images = _field(data, "images", list, f"{json_path}: the top-level object")
     wanted = {split, "restval"} if split == "train" and include_restval else {split}
 
@@ -259,38 +271,22 @@ def load_karpathy_split(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _caption_items(path: Path) -> Iterable[tuple[str, Any]]:
-    """Yield ``(location, item)`` for a JSON list or a JSON Lines file."""
+def _caption_items(path: Path) -> list[tuple[str, Any]]:
+    """``(location, item)`` of a JSON list, a JSON Lines file or one pretty-printed ``{"image", ...}`` object."""
     text = read_text(path)
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
-        for i, item in enumerate(items):
-            yield f"{path}: item {i}", item
-        return
     if text.lstrip().startswith("{") and "\n" in text.strip():
         try:
             whole = json.loads(text)
         except json.JSONDecodeError:
             whole = None  # JSON Lines: several objects, one per line
         if isinstance(whole, dict) and "image" in whole:
-            yield f"{path}: the object", whole
-            return
+            return [(f"{path}: the object", whole)]
         if isinstance(whole, dict):
             raise ValueError(
                 f"{path}: is one JSON object (keys {sorted(whole)[:5]}), expected a JSON list or JSON Lines of "
                 '{"image": path, "caption": text} objects'
             )
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: invalid JSON line: {err.msg}") from err
-        yield f"{path}:{lineno}", item
+    return read_json_items(path, text)
 
 
 def load_caption_jsonl(
@@ -423,10 +419,8 @@ def check_images(values: Iterable[Any], *, source: str, num_threads: int | None 
     values = list(values)
     errors = find_undecodable_images(values, num_threads)
     if errors:
-        listed = "\n  ".join(errors[:_MAX_LISTED])
-        more = f"\n  ... and {len(errors) - _MAX_LISTED} more" if len(errors) > _MAX_LISTED else ""
         raise UndecodableImageError(
-            f"{source}: {len(errors)} of {len(values)} images cannot be decoded:\n  {listed}{more}\n"
+            f"{source}: {len(errors)} of {len(values)} images cannot be decoded:{_first_few(errors)}\n"
             "Remove or replace them."
         )
     logger.info("%s: all %d images decode.", source, len(values))

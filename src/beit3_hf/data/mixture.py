@@ -37,7 +37,7 @@ from PIL import Image
 
 from ..training.objectives import OBJECTIVES, ObjectiveSchedule, mask_tokens, word_starts
 from .loaders import load_caption_jsonl, load_karpathy_split, read_json_items, read_text
-from .pretraining import DecodeFailures, TwoViewTransform, decode_image
+from .pretraining import DecodeFailures, TwoViewTransform
 
 __all__ = ["PretrainingCollator", "PretrainingMixture", "load_caption_texts", "load_pairs"]
 
@@ -253,13 +253,6 @@ class _Draws:
             self._permutations[objective] = (epoch, permutation)
         return items[permutation[index]]
 
-    def _open(self, path: str) -> Image.Image | None:
-        try:
-            return decode_image(Path(path).read_bytes())
-        except Exception as error:  # missing file, truncated or corrupt image: skipped and counted
-            self.mixture.skipped_images.record(path, error)
-            return None
-
     def _webdataset_pairs(self) -> Iterator[tuple[str, Image.Image, str]]:
         """Decoded (name, image, caption) of the shards, pass after pass; the shard order is seeded per pass."""
         import webdataset as wds
@@ -287,12 +280,9 @@ class _Draws:
                 if data is None:
                     self.mixture.skipped_images.record(name, "no .jpg / .png / .webp image")
                     continue
-                try:
-                    image = decode_image(data)
-                except Exception as error:  # corrupt image bytes
-                    self.mixture.skipped_images.record(name, error)
-                    continue
-                yield name, image, caption
+                image = self.mixture.skipped_images.decode(data, name)
+                if image is not None:
+                    yield name, image, caption
             epoch += 1
 
     def _shard_error(self, error: Exception) -> bool:
@@ -313,7 +303,7 @@ class _Draws:
             position = self._position(objective)
             if self.mixture.pairs:
                 path, caption = self._from_list(objective, self.mixture.pairs, position)
-                return self._open(path), caption, position
+                return self.mixture.skipped_images.decode(path, path), caption, position  # None: skipped, counted
             if self._webdataset is None:
                 self._webdataset = self._webdataset_pairs()
             _, image, caption = next(self._webdataset)
@@ -347,7 +337,8 @@ class _Draws:
 
         def draw() -> tuple[Image.Image | None, str, int]:
             position = self._position(objective)
-            return self._open(self._from_list(objective, self.mixture.images, position)), "", position
+            path = self._from_list(objective, self.mixture.images, position)
+            return self.mixture.skipped_images.decode(path, path), "", position
 
         image, _, position = self._first_decodable(draw)
         return image, position

@@ -93,11 +93,8 @@ def load_nlvr2(
         (0, 'dev-7-1-img0.png', 'dev-7-1-img1.png')
     """
     path, image_dir = Path(path), Path(image_dir)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    items = read_json_items(path)
     examples = []
-    for where, item in items:
+    for where, item in read_json_items(path):  # a missing file, bad JSON: errors name the file (and line)
         if not isinstance(item, dict):
             raise ValueError(f"{where}: expected an object, got {type(item).__name__}")
         identifier, sentence = item.get("identifier"), item.get("sentence")

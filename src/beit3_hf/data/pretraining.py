@@ -171,19 +171,9 @@ class DecodeFailures:
         self._count = context.Value("q", 0)
         self._text = context.Array("c", max(1, max_examples * max_chars), lock=False)  # guarded by _count's lock
 
-    @classmethod
-    def _shared(cls, max_examples: int, max_chars: int, what: str, count: Any, text: Any) -> DecodeFailures:
-        failures = cls.__new__(cls)
-        failures.max_examples = max_examples
-        failures.max_chars = max_chars
-        failures.what = what
-        failures._count = count
-        failures._text = text
-        return failures
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        if get_spawning_popen() is not None:  # starting a worker: share the memory
-            return DecodeFailures._shared, (self.max_examples, self.max_chars, self.what, self._count, self._text)
+    def __reduce__(self) -> tuple[Any, ...]:
+        if get_spawning_popen() is not None:  # starting a worker: share the memory (the state holds it)
+            return object.__new__, (type(self),), self.__dict__
         return DecodeFailures, (self.max_examples, self.max_chars, self.what)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> DecodeFailures:
@@ -203,6 +193,14 @@ class DecodeFailures:
             logger.warning("skipping %s: %s (%s)", self.what, name, message)
         elif index == self.max_examples:
             logger.warning("skipping more (%s); they are counted without a message each", self.what)
+
+    def decode(self, source: Any, name: str) -> Image.Image | None:
+        """:func:`decode_image` of ``source``, or None once the failure is recorded under ``name``."""
+        try:
+            return decode_image(source)
+        except Exception as error:  # any corruption: PIL raises OSError, SyntaxError, ValueError, ...
+            self.record(name, error)
+            return None
 
     @property
     def count(self) -> int:
@@ -501,10 +499,8 @@ class TwoViewTransform:
         augment_rng, mask_rng = (rng, rng) if rng is not None else self.rngs_for(key)
         params = self.sample_params((image.height, image.width), augment_rng)
         out = self.apply_params(image, params)
-        if self.mask_generator is not None:
-            out["bool_masked_pos"] = torch.from_numpy(
-                self.mask_generator(rng=mask_rng).reshape(-1)
-            )  # (grid_h*grid_w,)
+        if self.mask_generator is not None:  # (grid_h * grid_w,)
+            out["bool_masked_pos"] = torch.from_numpy(self.mask_generator(rng=mask_rng).reshape(-1))
         return out
 
     def apply_to_batch(self, batch: Mapping[str, Sequence[Any]], image_column: str = "image") -> dict[str, list[Any]]:
@@ -526,13 +522,8 @@ class TwoViewTransform:
         outputs: list[dict[str, torch.Tensor] | None] = []
         for position, source in enumerate(batch[image_column]):
             path = source.get("path") if isinstance(source, Mapping) else getattr(source, "filename", None) or None
-            try:
-                image = decode_image(source)
-            except Exception as error:  # any corruption: PIL raises OSError, SyntaxError, ValueError, ...
-                self.failures.record(str(path or f"row {position} of a batch"), error)
-                outputs.append(None)
-            else:
-                outputs.append(self(image, key=path))
+            image = self.failures.decode(source, str(path or f"row {position} of a batch"))
+            outputs.append(None if image is None else self(image, key=path))
         return {name: [None if out is None else out[name] for out in outputs] for name in self.output_names}
 
     @property
@@ -617,12 +608,9 @@ class PretrainingImageFolder(torch.utils.data.Dataset):
         size = len(self.dataset)
         for offset in range(min(self.max_consecutive_failures, size)):
             source = self.dataset[(index + offset) % size]["image"]  # {"bytes": None, "path": ...}
-            try:
-                image = decode_image(source)
-            except Exception as error:  # any corruption: PIL raises OSError, SyntaxError, ValueError, ...
-                self.failures.record(str(source.get("path") or f"row {(index + offset) % size}"), error)
-                continue
-            return self.transform(image, key=index)
+            image = self.failures.decode(source, str(source.get("path") or f"row {(index + offset) % size}"))
+            if image is not None:
+                return self.transform(image, key=index)
         raise RuntimeError(
             f"{self.max_consecutive_failures} consecutive images from index {index} cannot be decoded "
             f"({self.failures.count} failures so far, e.g. {self.failures.examples[:3]}); is the folder readable?"
@@ -774,10 +762,8 @@ class PretrainingWebDataset(torch.utils.data.IterableDataset):
                 found = sorted(k for k in sample if not k.startswith("__"))
                 self.failures.record(name, f"no image file (looked for {self.image_extensions}, found {found})")
                 continue
-            try:
-                image = decode_image(data)
-            except Exception as error:  # any corruption: PIL raises OSError, SyntaxError, ValueError, ...
-                self.failures.record(name, error)
+            image = self.failures.decode(data, name)
+            if image is None:
                 continue
             out = self.transform(image, key=(shard, str(sample.get("__key__"))))
             if self.with_keys:

@@ -22,7 +22,6 @@ Library code (never shipped in a checkpoint folder).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Iterable, Sequence
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluation.vqa import build_answer_vocabulary, soft_scores
-from .loaders import check_images_exist
+from .loaders import check_images_exist, read_json, read_json_items, read_text
 
 __all__ = [
     "VqaQuestion",
@@ -100,17 +99,11 @@ def vqa_split_files(data_dir: str | os.PathLike[str], split: str, annotation_dir
     }
 
 
-def _read_json(path: Path, what: str) -> Any:
+def _entries(path: Path, key: str) -> list[dict]:
+    """The ``key`` list (``questions`` or ``annotations``) of a VQAv2 JSON file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file ({what})")
-    try:
-        with path.open(encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
-
-
-def _entries(data: Any, key: str, path: Path) -> list[dict]:
+        raise FileNotFoundError(f"{path}: no such file ({key})")
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise ValueError(f"{path}: expected an object with a {key!r} list (the VQAv2 format)")
     return data[key]
@@ -157,9 +150,7 @@ def load_vqa_split(
     if annotations_file is not None:
         annotations_file = Path(annotations_file)
         annotations = {}
-        for index, entry in enumerate(
-            _entries(_read_json(annotations_file, "annotations"), "annotations", annotations_file)
-        ):
+        for index, entry in enumerate(_entries(annotations_file, "annotations")):
             where = f"{annotations_file}: annotations[{index}]"
             question_id = _int_field(entry, "question_id", where)
             answers = entry.get("answers")
@@ -175,7 +166,7 @@ def load_vqa_split(
 
     records: list[VqaQuestion] = []
     seen: set[int] = set()
-    for index, entry in enumerate(_entries(_read_json(questions_file, "questions"), "questions", questions_file)):
+    for index, entry in enumerate(_entries(questions_file, "questions")):
         where = f"{questions_file}: questions[{index}]"
         question_id = _int_field(entry, "question_id", where)
         image_id = _int_field(entry, "image_id", where)
@@ -222,26 +213,20 @@ def read_answer_list(path: str | os.PathLike[str]) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such answer list")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if text.lstrip().startswith("["):
-        answers = json.loads(text)
+        answers = read_json(path, text)
         if not all(isinstance(a, str) for a in answers):
             raise ValueError(f"{path}: a JSON answer list must hold strings only")
     elif text.lstrip().startswith("{"):
         answers = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON line: {err.msg}") from err
+        for where, entry in read_json_items(path, text):
             if (
                 not isinstance(entry, dict)
                 or not isinstance(entry.get("answer"), str)
                 or entry.get("label") != len(answers)
             ):
-                raise ValueError(f"{path}:{lineno}: expected {{'answer': text, 'label': {len(answers)}}}")
+                raise ValueError(f"{where}: expected {{'answer': text, 'label': {len(answers)}}}")
             answers.append(entry["answer"])
     else:
         answers = [line.strip() for line in text.splitlines() if line.strip()]

@@ -160,3 +160,34 @@ def test_global_contrastive_is_an_explicit_flag(tmp_path):
         trainer.compute_loss(
             classifier, {"pixel_values": inputs["pixel_values"], "labels": torch.tensor([0, 1, 2, 3])}
         )
+
+
+def test_run_stages_saves_the_model_then_stops_at_a_non_finite_training_loss(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from beit3_hf.training import scripts
+
+    events = []
+    monkeypatch.setattr(scripts, "save_final_model", lambda trainer, **card: events.append("model"))
+
+    class StubTrainer:
+        train_dataset = [0, 1]
+
+        def train(self, resume_from_checkpoint=None):
+            return SimpleNamespace(metrics={"train_loss": float("nan")})
+
+        def log_metrics(self, split, metrics):
+            events.append(f"log {split}")
+
+        def save_metrics(self, split, metrics):
+            events.append(f"metrics {split}")
+
+        def save_state(self):
+            events.append("state")
+
+    args = ScriptTrainingArguments(output_dir=str(tmp_path), do_train=True, do_eval=True, report_to="none")
+    with pytest.raises(RuntimeError, match="the training loss is not finite: nan"):
+        scripts.run_stages(
+            StubTrainer(), args, checkpoint=None, card={}, evaluate=lambda split: events.append(split) or {}
+        )
+    assert events == ["model", "log train", "metrics train", "state"]  # saved, and never evaluated

@@ -469,7 +469,8 @@ def run_stages(
     1. `--eval_before_training`: `evaluate("before")`;
     2. `--do_train`: train (from `checkpoint`), then save the model, its processor and a model card (`card`: the
        `description`, `tags`, ... of `write_model_card`) before any evaluation, so that a failing evaluation never
-       costs them; the train metrics get `train_samples`, `train_skipped_images` and `train_metrics`;
+       costs them; the train metrics get `train_samples`, `train_skipped_images` and `train_metrics`; a
+       non-finite training loss is an error here, after the save (see `report_training`);
     3. `--do_eval`: `evaluate("eval")`; 4. `--do_predict`: `predict()`;
     5. after training and an evaluation, the model card again, with the results.
 
@@ -496,8 +497,7 @@ def run_stages(
         save_final_model(trainer, **card)
         metrics = dict(train_result.metrics, train_samples=len(trainer.train_dataset), **(train_metrics or {}))
         metrics["train_skipped_images"] = len(getattr(trainer, "skipped_images", ()))
-        report("train", metrics)
-        trainer.save_state()
+        results.update(report_training(trainer, metrics))  # a non-finite loss stops the run before evaluation
     if training_args.do_eval:
         report("eval", need(evaluate, "--do_eval")("eval"))
     if training_args.do_predict:

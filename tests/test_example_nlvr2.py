@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from beit3_hf.data.nlvr2 import PairRowDecoder, load_nlvr2, nlvr2_accuracy, nlvr2_dataset
+from beit3_hf.data.loaders import ImageRowDecoder
+from beit3_hf.data.nlvr2 import load_nlvr2, nlvr2_accuracy, nlvr2_dataset
 from beit3_hf.testing.synthetic_data import write_synthetic_nlvr2
 
 from oracle_utils import fresh_json, load_example_script, run_example, train_sentencepiece
@@ -101,12 +102,12 @@ def test_pair_decoder_replaces_a_row_with_an_undecodable_image(data, tmp_path):
     broken.write_bytes(b"not a png")
     examples[0] = type(examples[0])(examples[0].identifier, "x", 1, examples[0].left_image, str(broken))
     rows = nlvr2_dataset(examples)
-    batch, pairs, skipped = PairRowDecoder(rows)(rows[:2])
+    batch, pairs, skipped = ImageRowDecoder(rows, ("left", "right"))(rows[:2])
     assert len(pairs) == 2 and all(image.mode == "RGB" for pair in pairs for image in pair)
     # Replacement rows are drawn at random (seeded by the row): a draw may hit the broken row again before another.
     assert batch["right"][0] != str(broken) and {r["file"] for r in skipped} == {str(broken)}
     with pytest.raises(Exception, match="broken.png"):
-        PairRowDecoder(rows, skip=False)(rows[:1])
+        ImageRowDecoder(rows, ("left", "right"), skip=False)(rows[:1])
 
 
 FRESH_ACCURACY = """

@@ -34,11 +34,10 @@ import torch
 from transformers import EvalPrediction
 
 from beit3_hf import Beit3ForVisualReasoning
-from beit3_hf.data.loaders import check_images, open_image, transform_with_skipping
+from beit3_hf.data.loaders import ImageRowDecoder, check_images, open_image, transform_with_skipping
 from beit3_hf.data.nlvr2 import (
     DEFAULT_IMAGE_DIRS,
     Nlvr2Example,
-    PairRowDecoder,
     load_nlvr2,
     nlvr2_accuracy,
     nlvr2_dataset,
@@ -138,7 +137,9 @@ def pair_dataset(
         return {"pixel_values": pixels, "sentence": batch["sentence"], "label": batch["label"]}
 
     if train:
-        return rows.with_transform(transform_with_skipping(PairRowDecoder(rows, skip=skip_bad), build))
+        return rows.with_transform(
+            transform_with_skipping(ImageRowDecoder(rows, ("left", "right"), skip=skip_bad), build)
+        )
 
     def evaluate(batch: dict[str, list]) -> dict[str, list]:
         images = [open_image(path) for left, right in zip(batch["left"], batch["right"]) for path in (left, right)]

@@ -427,43 +427,37 @@ def check_images(values: Iterable[Any], *, source: str, num_threads: int | None 
 
 
 class ImageRowDecoder:
-    """Decode the image column of a batch of dataset rows; during training, replace an undecodable row.
+    """Decode the image column(s) of a batch of dataset rows; during training, replace a row with an undecodable image.
 
     `rows` is the untransformed dataset (anything with `len()` and `rows[i] -> dict`, e.g. a `datasets.Dataset`);
-    `__call__(batch)` takes a `with_transform` batch (a dict of columns) and returns `(batch, images, skipped)`:
-    the batch with every undecodable row replaced by another row of `rows` (drawn deterministically from the
-    file's name), its decoded RGB images, and one `{"file", "error"}` record per replaced image. With `skip=False`
-    (evaluation) the first undecodable image raises `UndecodableImageError`. When `max_attempts` replacement draws
-    give no decodable image it raises as well: the data is broken, not an odd file.
+    `image_column` names the image column, or several (NLVR2's `("left", "right")`: each decoded entry is then a
+    tuple of images, one per column). `__call__(batch)` takes a `with_transform` batch (a dict of columns) and
+    returns `(batch, images, skipped)`: the batch with every row holding an undecodable image replaced by another
+    row of `rows` (drawn deterministically from the row's first file name), its decoded RGB images, and one
+    `{"file", "error"}` record per undecodable image. A file found undecodable is not tried again for the same
+    example. With `skip=False` (evaluation) the first undecodable image raises `UndecodableImageError`. When
+    `max_attempts` replacement draws give no decodable row it raises as well: the data is broken, not an odd file.
     """
 
-    def __init__(self, rows: Any, image_column: str, *, skip: bool = True, max_attempts: int = 16) -> None:
+    def __init__(
+        self, rows: Any, image_column: str | Sequence[str], *, skip: bool = True, max_attempts: int = 16
+    ) -> None:
         self.rows = rows
         self.image_column = image_column
+        self.image_columns = (image_column,) if isinstance(image_column, str) else tuple(image_column)
         self.skip = skip
         self.max_attempts = max_attempts
 
-    def __call__(self, batch: dict[str, list]) -> tuple[dict[str, list], list[Image.Image], list[dict[str, str]]]:
+    def __call__(self, batch: dict[str, list]) -> tuple[dict[str, list], list[Any], list[dict[str, str]]]:
         columns = list(batch)
         batch = {key: list(values) for key, values in batch.items()}
-        images: list[Image.Image] = []
+        images: list[Any] = []
         skipped: list[dict[str, str]] = []
-        for i, value in enumerate(batch[self.image_column]):
-            first = image_name(value)
+        for i in range(len(batch[columns[0]])):
+            first = image_name(batch[self.image_columns[0]][i])
             failed: dict[str, str] = {}  # file -> error, for this example
             draws = 0
-            while True:
-                name = image_name(value)
-                if name not in failed:  # a file already found undecodable for this example is not tried again
-                    try:
-                        images.append(open_image(value))
-                        break
-                    except UndecodableImageError as error:
-                        if not self.skip:
-                            raise
-                        failed[name] = str(error)
-                        skipped.append({"file": name, "error": str(error)})
-                        logger.warning("Skipping an undecodable training image: %s", error)
+            while (decoded := self._decode([batch[c][i] for c in self.image_columns], failed, skipped)) is None:
                 if draws >= self.max_attempts:
                     raise UndecodableImageError(
                         f"{draws} replacement draws found no decodable image; undecodable: "
@@ -473,12 +467,30 @@ class ImageRowDecoder:
                 row = self.rows[random.Random(f"{first}:{draws}").randrange(len(self.rows))]
                 for key in columns:
                     batch[key][i] = row[key]
-                value = row[self.image_column]
+            images.append(decoded[0] if isinstance(self.image_column, str) else decoded)
         return batch, images, skipped
+
+    def _decode(self, values: list[Any], failed: dict[str, str], skipped: list[dict[str, str]]) -> tuple | None:
+        """The images of one row, or None when one of them cannot be decoded (recorded in `failed` and `skipped`)."""
+        decoded = []
+        for value in values:
+            name = image_name(value)
+            if name in failed:
+                return None
+            try:
+                decoded.append(open_image(value))
+            except UndecodableImageError as error:
+                if not self.skip:
+                    raise
+                failed[name] = str(error)
+                skipped.append({"file": name, "error": str(error)})
+                logger.warning("Skipping an undecodable training image: %s", error)
+                return None
+        return tuple(decoded)
 
 
 def transform_with_skipping(
-    decoder: ImageRowDecoder, build: Callable[[dict[str, list], list[Image.Image]], dict[str, list]]
+    decoder: ImageRowDecoder, build: Callable[[dict[str, list], list[Any]], dict[str, list]]
 ) -> Callable[[dict[str, list]], dict[str, list]]:
     """A `with_transform` function: decode with `decoder`, then `build(batch, images)`; the records of skipped
     images ride along in a `skipped_images` column (the first row of the batch carries them), which the collators

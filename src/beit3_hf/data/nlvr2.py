@@ -10,8 +10,6 @@ Each line holds ``identifier`` (``"train-10171-0-0"``: set, pair, sentence), ``s
 
 - :func:`load_nlvr2`: the examples of one file, with errors naming the file and line, and missing images listed;
 - :func:`nlvr2_dataset`: a ``datasets.Dataset`` of them for a ``Trainer`` pipeline;
-- :class:`PairRowDecoder`: decodes both images of each row, replacing a training row whose left or right image
-  cannot be decoded (as :class:`beit3_hf.data.ImageRowDecoder` does for one image);
 - :func:`nlvr2_accuracy`: the original's accuracy (fraction of statements whose arg-max class is the label).
 
 Library code (never shipped in a checkpoint folder).
@@ -19,29 +17,23 @@ Library code (never shipped in a checkpoint folder).
 
 from __future__ import annotations
 
-import logging
 import os
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from .loaders import UndecodableImageError, check_images_exist, open_image, read_json_items
+from .loaders import check_images_exist, read_json_items
 
 __all__ = [
     "DEFAULT_IMAGE_DIRS",
     "Nlvr2Example",
-    "PairRowDecoder",
     "load_nlvr2",
     "nlvr2_accuracy",
     "nlvr2_dataset",
 ]
-
-logger = logging.getLogger(__name__)
 
 #: Image folder of each NLVR2 split relative to the data folder, as the original recipe lays them out.
 DEFAULT_IMAGE_DIRS = {"train": "images/train", "dev": "dev", "test1": "test1"}
@@ -137,51 +129,6 @@ def nlvr2_dataset(examples: Sequence[Nlvr2Example]) -> Any:
             "right": [e.right_image for e in examples],
         }
     )
-
-
-class PairRowDecoder:
-    """Decode the ``left`` and ``right`` images of a batch of rows; during training, replace a row either of whose
-    images cannot be decoded by another row (drawn deterministically from the file's name) and record it.
-
-    ``__call__(batch)`` returns ``(batch, pairs, skipped)``: the batch with replaced rows, ``(left, right)`` RGB image
-    pairs and one ``{"file", "error"}`` record per undecodable image, the contract of
-    :class:`beit3_hf.data.ImageRowDecoder` (so :func:`beit3_hf.data.transform_with_skipping` applies). With
-    ``skip=False`` (evaluation) the first undecodable image raises ``UndecodableImageError`` naming it.
-    """
-
-    def __init__(
-        self, rows: Any, columns: tuple[str, str] = ("left", "right"), *, skip: bool = True, max_attempts: int = 16
-    ):
-        self.rows = rows
-        self.columns = columns
-        self.skip = skip
-        self.max_attempts = max_attempts
-
-    def __call__(self, batch: dict[str, list]) -> tuple[dict[str, list], list[tuple[Image.Image, Image.Image]], list]:
-        keys = list(batch)
-        batch = {key: list(values) for key, values in batch.items()}
-        pairs: list[tuple[Image.Image, Image.Image]] = []
-        skipped: list[dict[str, str]] = []
-        for i in range(len(batch[keys[0]])):
-            first = str(batch[self.columns[0]][i])
-            for draw in range(self.max_attempts + 1):
-                try:
-                    pairs.append(tuple(open_image(batch[column][i]) for column in self.columns))  # type: ignore[arg-type]
-                    break
-                except UndecodableImageError as error:
-                    if not self.skip:
-                        raise
-                    skipped.append({"file": str(error).split(": ", 1)[0], "error": str(error)})
-                    logger.warning("Skipping an undecodable training image: %s", error)
-                row = self.rows[random.Random(f"{first}:{draw + 1}").randrange(len(self.rows))]
-                for key in keys:
-                    batch[key][i] = row[key]
-            else:
-                raise UndecodableImageError(
-                    f"{self.max_attempts} replacement draws found no decodable image pair; e.g. "
-                    + "; ".join(r["error"] for r in skipped[-3:])
-                )
-        return batch, pairs, skipped
 
 
 def nlvr2_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

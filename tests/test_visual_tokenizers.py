@@ -27,12 +27,8 @@ import beit3_hf.models.vqkd.configuration_vqkd
 import beit3_hf.models.vqkd.modeling_vqkd
 from beit3_hf.conversion import safe_pickle
 from beit3_hf.conversion.safe_pickle import UnsafePickleError, read_pickled_module
-from beit3_hf.conversion.visual_tokenizers import (
-    VisualTokenizerConversionError,
-    convert_dall_e,
-    convert_vqkd,
-    main,
-)
+from beit3_hf.conversion.tasks import ConversionError
+from beit3_hf.conversion.visual_tokenizers import convert_dall_e, convert_vqkd, main
 from beit3_hf.models.dall_e import DallEConfig, DallEEncoderModel
 from beit3_hf.models.dall_e import register as register_dall_e
 from beit3_hf.models.vqkd import VqkdConfig, VqkdModel
@@ -243,7 +239,7 @@ def test_vqkd_conversion_errors_name_the_keys(tmp_path, capsys, change, message)
     state_dict = _original_vqkd_state_dict()
     change(state_dict)
     checkpoint = _write_vqkd_pth(tmp_path / "bad.pth", state_dict)
-    with pytest.raises(VisualTokenizerConversionError, match=message):
+    with pytest.raises(ConversionError, match=message):
         convert_vqkd(checkpoint, num_attention_heads=FIXTURE_HEADS)
     code, _, err = _cli(capsys, "--kind", "vqkd", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "o"))
     assert code == 2 and "error:" in err and not (tmp_path / "o").exists()
@@ -274,7 +270,7 @@ def test_vqkd_checkpoint_is_read_without_code(tmp_path):
     marker = tmp_path / "pwned"
     checkpoint = tmp_path / "evil.pth"
     torch.save({"model": _Evil(marker)}, checkpoint)
-    with pytest.raises(VisualTokenizerConversionError, match="weights_only"):
+    with pytest.raises(ConversionError, match="weights_only"):
         convert_vqkd(checkpoint)
     assert not marker.exists()
 
@@ -345,7 +341,7 @@ def test_dall_e_reads_sizes_from_tensors(tmp_path):
 
 def test_dall_e_refuses_other_modules(tmp_path):
     torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), tmp_path / "other.pkl")
-    with pytest.raises(VisualTokenizerConversionError, match=r"torch\.nn\.modules\.container\.Sequential"):
+    with pytest.raises(ConversionError, match=r"torch\.nn\.modules\.container\.Sequential"):
         convert_dall_e(tmp_path / "other.pkl")
 
 

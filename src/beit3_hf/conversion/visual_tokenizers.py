@@ -40,20 +40,14 @@ from beit3_hf.models.dall_e import register as register_dall_e
 from beit3_hf.models.vqkd import VqkdConfig, VqkdModel
 from beit3_hf.models.vqkd import register as register_vqkd
 
-#: The checkpoint cannot be converted as asked; the message says why. The BEiT-3 converter's error, as the checks
-#: shared with it (reading the file, floating-point and finite tensors) raise it.
-VisualTokenizerConversionError = ConversionError
-
 
 def check_output_folder(output: str | Path, overwrite: bool = False) -> Path:
     """Refuse an output that is a file, or a non-empty folder unless `overwrite`; called before any reading."""
     output = Path(output)
     if output.exists() and not output.is_dir():
-        raise VisualTokenizerConversionError(f"--output {output} is an existing file, not a folder.")
+        raise ConversionError(f"--output {output} is an existing file, not a folder.")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise VisualTokenizerConversionError(
-            f"--output {output} is a non-empty folder; pass --overwrite to write into it anyway."
-        )
+        raise ConversionError(f"--output {output} is a non-empty folder; pass --overwrite to write into it anyway.")
     return output
 
 
@@ -68,7 +62,7 @@ def _load_into(
     missing = sorted(original_name(key) for key in set(expected) - set(state_dict))
     unexpected = sorted(original_name(key) for key in set(state_dict) - set(expected))
     if missing or unexpected:
-        raise VisualTokenizerConversionError(
+        raise ConversionError(
             f"{where}: the checkpoint does not fit the architecture read from it. Missing keys: "
             f"{abbreviate(missing) or 'none'}. Unexpected keys: {abbreviate(unexpected) or 'none'}."
         )
@@ -78,7 +72,7 @@ def _load_into(
         if value.shape != expected[key].shape
     ]
     if wrong:
-        raise VisualTokenizerConversionError(f"{where}: tensors of unexpected shape: {abbreviate(wrong)}.")
+        raise ConversionError(f"{where}: tensors of unexpected shape: {abbreviate(wrong)}.")
     model.load_state_dict({key: value.to(expected[key].dtype) for key, value in state_dict.items()}, strict=True)
 
 
@@ -151,9 +145,9 @@ def load_vqkd_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     checkpoint = load_checkpoint_dict(path, ("model", "state_dict"))  # as the original loader: weights["model"], ...
     non_tensors = sorted(key for key, value in checkpoint.items() if not isinstance(value, torch.Tensor))
     if non_tensors:
-        raise VisualTokenizerConversionError(f"{path}: entries that are not tensors: {abbreviate(non_tensors)}.")
+        raise ConversionError(f"{path}: entries that are not tensors: {abbreviate(non_tensors)}.")
     if "quantize.embedding.weight" not in checkpoint or "encoder.pos_embed" not in checkpoint:
-        raise VisualTokenizerConversionError(
+        raise ConversionError(
             f"{path} is not a BEiT v2 VQ-KD checkpoint: no 'quantize.embedding.weight' / 'encoder.pos_embed' among "
             f"its keys ({abbreviate(list(checkpoint))})."
         )
@@ -177,7 +171,7 @@ def map_vqkd_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
             else:
                 dropped[reason].append(key)
     if unknown:
-        raise VisualTokenizerConversionError(
+        raise ConversionError(
             f"Keys that are neither part of the VQ-KD tokenizer nor known decoder / training-only keys: "
             f"{abbreviate(unknown)}. Is this a BEiT v2 VQ-KD checkpoint?"
         )
@@ -192,17 +186,17 @@ def infer_vqkd_config(state_dict: dict[str, torch.Tensor], num_attention_heads: 
         codebook = state_dict["quantize.embedding.weight"]  # (codebook_size, codebook_dim)
         intermediate_size = state_dict["encoder.blocks.0.mlp.fc1.weight"].shape[0]
     except KeyError as error:
-        raise VisualTokenizerConversionError(f"The checkpoint lacks the key {error.args[0]!r}.") from None
+        raise ConversionError(f"The checkpoint lacks the key {error.args[0]!r}.") from None
     hidden_size, num_channels, patch_size = patch_weight.shape[0], patch_weight.shape[1], patch_weight.shape[-1]
     num_patches = positions.shape[1] - 1
     grid = math.isqrt(num_patches)
     if positions.ndim != 3 or grid * grid != num_patches:
-        raise VisualTokenizerConversionError(
+        raise ConversionError(
             f"encoder.pos_embed {tuple(positions.shape)} is not 1 + a square grid of patch positions."
         )
     layers = {int(m.group(1)) for key in state_dict if (m := re.match(r"encoder\.blocks\.(\d+)\.", key))}
     if layers != set(range(len(layers))):
-        raise VisualTokenizerConversionError(f"The encoder blocks are not numbered 0..n-1: {sorted(layers)}.")
+        raise ConversionError(f"The encoder blocks are not numbered 0..n-1: {sorted(layers)}.")
     heads = num_attention_heads or max(hidden_size // 64, 1)
     try:
         return VqkdConfig(
@@ -218,7 +212,7 @@ def infer_vqkd_config(state_dict: dict[str, torch.Tensor], num_attention_heads: 
             codebook_dim=codebook.shape[1],
         )
     except ValueError as error:
-        raise VisualTokenizerConversionError(f"Inconsistent architecture: {error}") from None
+        raise ConversionError(f"Inconsistent architecture: {error}") from None
 
 
 def convert_vqkd(
@@ -274,16 +268,16 @@ def infer_dall_e_config(module: PickledModule, state_dict: dict[str, torch.Tenso
         input_weight = state_dict["blocks.input.w"]  # (hidden, channels, kernel, kernel)
         output_weight = state_dict["blocks.output.conv.w"]  # (vocab, width of the last group, 1, 1)
     except KeyError as error:
-        raise VisualTokenizerConversionError(f"The encoder lacks the tensor {error.args[0]!r}.") from None
+        raise ConversionError(f"The encoder lacks the tensor {error.args[0]!r}.") from None
     blocks: dict[int, set[int]] = {}
     for key in state_dict:
         if m := re.match(r"blocks\.group_(\d+)\.block_(\d+)\.", key):
             blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
     if not blocks or set(blocks) != set(range(1, len(blocks) + 1)):
-        raise VisualTokenizerConversionError(f"The encoder groups are not numbered 1..n: {sorted(blocks)}.")
+        raise ConversionError(f"The encoder groups are not numbered 1..n: {sorted(blocks)}.")
     counts = {len(ids) for ids in blocks.values()}
     if len(counts) != 1 or any(ids != set(range(1, len(ids) + 1)) for ids in blocks.values()):
-        raise VisualTokenizerConversionError(f"The groups have different or gapped blocks: {blocks}.")
+        raise ConversionError(f"The groups have different or gapped blocks: {blocks}.")
     num_groups, blocks_per_group = len(blocks), counts.pop()
     # The residual scale of the blocks: recorded on every EncoderBlock (1 / n_layers**2), identical across blocks.
     gains = {
@@ -292,7 +286,7 @@ def infer_dall_e_config(module: PickledModule, state_dict: dict[str, torch.Tenso
         if child.class_name == "dall_e.encoder.EncoderBlock" and "post_gain" in child.attributes
     }
     if len(gains) > 1:
-        raise VisualTokenizerConversionError(f"The blocks have different post_gain values: {sorted(gains)}.")
+        raise ConversionError(f"The blocks have different post_gain values: {sorted(gains)}.")
     try:
         config = DallEConfig(
             num_channels=input_weight.shape[1],
@@ -304,13 +298,13 @@ def infer_dall_e_config(module: PickledModule, state_dict: dict[str, torch.Tenso
             post_gain=gains.pop() if gains else None,
         )
     except ValueError as error:
-        raise VisualTokenizerConversionError(f"Inconsistent architecture: {error}") from None
+        raise ConversionError(f"Inconsistent architecture: {error}") from None
     recorded = {"n_hid": "hidden_size", "n_blk_per_group": "num_blocks_per_group", "vocab_size": "vocab_size"}
     recorded["input_channels"] = "num_channels"
     for attribute, name in recorded.items():
         value = module.attributes.get(attribute)
         if value is not None and value != getattr(config, name):
-            raise VisualTokenizerConversionError(
+            raise ConversionError(
                 f"The pickled Encoder records {attribute}={value} but its tensors give {name}={getattr(config, name)}."
             )
     return config
@@ -324,16 +318,16 @@ def convert_dall_e(checkpoint: str | Path, dtype: torch.dtype = torch.float32) -
     try:
         module = read_pickled_module(checkpoint)
     except UnsafePickleError as error:
-        raise VisualTokenizerConversionError(f"Refused {checkpoint}: {error}") from None
+        raise ConversionError(f"Refused {checkpoint}: {error}") from None
     if module.class_name != _DALL_E_ENCODER_CLASS:
-        raise VisualTokenizerConversionError(
+        raise ConversionError(
             f"{checkpoint} holds a pickled {module.class_name}, not a {_DALL_E_ENCODER_CLASS} (the dVAE encoder; "
             f"decoder.pkl is not needed for tokenizing)."
         )
     state_dict = module.state_dict()
     unused = [key for key in state_dict if _dall_e_target(key) is None]
     if unused:
-        raise VisualTokenizerConversionError(f"Tensors that are not dVAE encoder weights: {abbreviate(unused)}.")
+        raise ConversionError(f"Tensors that are not dVAE encoder weights: {abbreviate(unused)}.")
     check_tensors(state_dict, {})
     config = infer_dall_e_config(module, state_dict)
     model = DallEEncoderModel(config)
@@ -373,10 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         if args.kind != "vqkd" and args.num_attention_heads is not None:
-            raise VisualTokenizerConversionError("--num-attention-heads applies to --kind vqkd only.")
+            raise ConversionError("--num-attention-heads applies to --kind vqkd only.")
         output = check_output_folder(args.output, args.overwrite)  # before reading the (large) checkpoint
         model, dropped = converters[args.kind]()
-    except (VisualTokenizerConversionError, FileNotFoundError) as error:
+    except (ConversionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for reason, keys in dropped.items():

@@ -9,6 +9,7 @@ Oracles, built here without downloads:
 
 from __future__ import annotations
 
+import copy
 import doctest
 import importlib.util
 import json
@@ -331,6 +332,21 @@ def test_padding_options_and_tensor_types(tokenizer):
     assert lengths[0] == lengths[1] < 64 and longest["attention_mask"][0][-1] == 0
     as_numpy = processor(text="a dog", return_tensors="np")
     assert isinstance(as_numpy["input_ids"], np.ndarray) and as_numpy["input_ids"].shape == (1, 64)
+
+
+def test_text_is_padded_on_the_right_whatever_the_tokenizers_padding_side(tokenizer):
+    """BEiT-3's text positions start at `<s>`; transformers 5.25's image-text-to-text pipeline sets the tokenizer to
+    left padding, which put padding before `<s>` (the captioning pipeline then failed on its attention mask)."""
+    processor = Beit3Processor(image_processor=Beit3ImageProcessor(), tokenizer=copy.deepcopy(tokenizer))
+    right = processor(text=["a dog", "a man riding a wave"], padding="longest")
+    processor.tokenizer.padding_side = "left"
+    for padding in ("longest", "max_length"):
+        batch = processor(text=["a dog", "a man riding a wave"], padding=padding)
+        assert batch["input_ids"][:, 0].tolist() == [tokenizer.bos_token_id] * 2
+        assert batch["attention_mask"][:, 0].tolist() == [1, 1] and batch["attention_mask"][0, -1] == 0
+    assert torch.equal(
+        processor(text=["a dog", "a man riding a wave"], padding="longest")["input_ids"], right["input_ids"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -159,7 +159,9 @@ class Beit3Processor(ProcessorMixin):
                 pixel_values = list(pixel_values) if return_tensors is None else pixel_values
             data["pixel_values"] = pixel_values
         if text is not None:
-            kwargs = {"padding": padding, "truncation": truncation, "max_length": max_length}
+            # Padded on the right whatever the tokenizer's `padding_side`: BEiT-3's text positions are absolute, `<s>`
+            # at position 0. (transformers' image-text-to-text pipeline sets the tokenizer's side to "left" from 5.25.)
+            kwargs = {"padding": padding, "truncation": truncation, "max_length": max_length, "padding_side": "right"}
             data.update(self.tokenizer(_check_text(text), return_token_type_ids=False, **kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors)
 

@@ -57,6 +57,13 @@ def test_padding_mask_of_the_original_is_named(backbone):
         backbone(pixel_values=pixels(), input_ids=input_ids, attention_mask=padding_mask)
 
 
+def test_left_padded_text_is_named(backbone):
+    input_ids, attention_mask = text()
+    left_ids, left_mask = input_ids[:, [4, 5, 0, 1, 2, 3]], attention_mask[:, [4, 5, 0, 1, 2, 3]]  # padding first
+    with pytest.raises(ValueError, match="padded on the left: .* pad on the right"):
+        backbone(pixel_values=pixels(), input_ids=left_ids, attention_mask=left_mask)
+
+
 @pytest.mark.parametrize("fill", [float("-inf"), -10000.0])
 def test_additive_masks_are_named(backbone, fill):
     input_ids, attention_mask = text()

@@ -683,8 +683,10 @@ def check_attention_mask(attention_mask: torch.Tensor) -> bool:
         raise ValueError(f"attention_mask must hold 1 (attend) and 0 (padding) only, got values {values}.")
     if not first_attended:
         raise ValueError(
-            "attention_mask is 0 at the first text token of some rows, which would mask `<s>`. The original BEiT-3 "
-            "code takes `padding_mask` with the opposite convention (1 = pad); pass attention_mask = 1 - padding_mask."
+            "attention_mask is 0 at the first text token of some rows, which would mask `<s>`. Either it is the "
+            "original BEiT-3 code's `padding_mask`, of the opposite convention (1 = pad): pass attention_mask = 1 - "
+            "padding_mask; or the text is padded on the left: BEiT-3's text positions start at `<s>`, so pad on the "
+            "right (the tokenizer's padding_side='right', which Beit3Processor always uses)."
         )
     return no_padding
 

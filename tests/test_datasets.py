@@ -141,6 +141,26 @@ def test_karpathy_coco_layout_with_filepath(tmp_path):
     ]
 
 
+def test_karpathy_captions_take_the_coco_ids_of_their_own_entries(tmp_path):
+    from beit3_hf.data.captioning import load_karpathy_captions
+
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        write_image(tmp_path / name)
+    path = write_json(
+        tmp_path / "dataset_coco.json",
+        {
+            "images": [
+                karpathy_entry("a.jpg", "train", "x", cocoid=7),
+                karpathy_entry("b.jpg", "val", "y", cocoid=8),
+                karpathy_entry("c.jpg", "restval", "z", cocoid=9),
+                karpathy_entry("d.jpg", "train", "w"),  # neither cocoid nor imgid: the running index
+            ]
+        },
+    )
+    records = load_karpathy_captions(path, tmp_path, "train")
+    assert [(Path(r.image_path).name, r.image_id) for r in records] == [("a.jpg", 7), ("c.jpg", 9), ("d.jpg", 2)]
+
+
 def test_karpathy_missing_images_are_reported_up_front(tmp_path):
     write_image(tmp_path / "present.jpg")
     entries = [karpathy_entry("present.jpg", "test", "a")] + [

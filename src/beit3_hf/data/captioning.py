@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .loaders import IMAGE_EXTENSIONS, check_images_exist, load_karpathy_split, read_json
+from .loaders import IMAGE_EXTENSIONS, check_images_exist, karpathy_split_entries, read_json
 
 __all__ = [
     "CaptionRecord",
@@ -59,10 +59,8 @@ def load_karpathy_captions(
     """One split of a Karpathy split file as :class:`CaptionRecord` s, ``image_id`` = ``cocoid`` when the file has it
     (COCO), else the Flickr30k ``imgid`` / the running index. Validation and image checks are
     :func:`beit3_hf.data.load_karpathy_split`'s (errors name the file and entry)."""
-    records = load_karpathy_split(json_path, image_root, split, include_restval=include_restval)
-    images = read_json(Path(json_path))["images"]
-    wanted = {split, "restval"} if split == "train" and include_restval else {split}
-    ids = [entry.get("cocoid", entry.get("imgid")) for entry in images if entry.get("split") in wanted]
+    records, entries = karpathy_split_entries(json_path, image_root, split, include_restval, check_images=True)
+    ids = [entry.get("cocoid", entry.get("imgid")) for entry in entries]
     return [
         CaptionRecord(r.image_path, r.image_id if image_id is None else image_id, r.captions)
         for r, image_id in zip(records, ids)

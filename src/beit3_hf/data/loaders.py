@@ -52,6 +52,7 @@ __all__ = [
     "find_undecodable_images",
     "gather_skipped",
     "image_name",
+    "karpathy_split_entries",
     "list_image_files",
     "load_caption_jsonl",
     "load_imagefolder",
@@ -222,6 +223,28 @@ def load_karpathy_split(
         >>> records[0].captions, records[0].image_id, records[0].image_path == str(d / "1.jpg")
         (('A dog.', 'A puppy.'), 0, True)
     """
+    return karpathy_split_entries(json_path, image_root, split, include_restval, check_images)[0]
+
+
+def karpathy_split_entries(
+    json_path: str | os.PathLike[str],
+    image_root: str | os.PathLike[str],
+    split: str,
+    include_restval: bool,
+    check_images: bool,
+) -> tuple[list[RetrievalRecord], list[dict]]:
+    """:func:`load_karpathy_split`'s records and, in the same order, the file's entries they come from (for fields
+    such as ``cocoid``), from one read of the file.
+
+    Example:
+        >>> import json, tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "dataset_coco.json").write_text(json.dumps({"images": [
+        ...     {"filename": "1.jpg", "split": "val", "cocoid": 42, "sentences": [{"raw": "A dog."}]}]}))
+        >>> records, entries = karpathy_split_entries(d / "dataset_coco.json", d, "val", True, False)
+        >>> records[0].image_id, entries[0]["cocoid"]
+        (0, 42)
+    """
     json_path = Path(json_path)
     image_root = Path(image_root)
     data = read_json(json_path)
@@ -229,6 +252,7 @@ def load_karpathy_split(
     wanted = {split, "restval"} if split == "train" and include_restval else {split}
 
     records: list[RetrievalRecord] = []
+    entries: list[dict] = []
     split_names: set[str] = set()
     for index, entry in enumerate(images):
         where = f"{json_path}: images[{index}]"
@@ -253,6 +277,7 @@ def load_karpathy_split(
                 raise ValueError(f"{where} sentences[{j}] has an empty 'raw' caption")
             captions.append(raw)
         records.append(RetrievalRecord(str(image_root / filepath / filename), tuple(captions), len(records)))
+        entries.append(entry)
 
     if not records:
         requested = " + ".join(sorted(wanted))
@@ -263,7 +288,7 @@ def load_karpathy_split(
         check_images_exist(
             (r.image_path for r in records), source=f"{json_path} (split {split!r}, image root {image_root})"
         )
-    return records
+    return records, entries
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -256,14 +256,22 @@ def test_output_folder_refused_before_reading_checkpoint(tmp_path, capsys):
     (full / "keep.txt").write_text("x")
     for kind in ("vqkd", "dall-e"):
         code, _, err = _cli(capsys, "--kind", kind, "--checkpoint", missing_checkpoint, "--output", str(full))
-        assert code == 2 and "non-empty" in err and "--overwrite" in err
+        assert code == 2 and "not empty" in err and "--overwrite" in err
+    assert [path.name for path in full.iterdir()] == ["keep.txt"]
+    # A failed conversion with --overwrite leaves the folder as it was.
+    code, _, err = _cli(
+        capsys, "--kind", "vqkd", "--checkpoint", missing_checkpoint, "--output", str(full), "--overwrite"
+    )
+    assert code == 2 and "does-not-exist" in err and [path.name for path in full.iterdir()] == ["keep.txt"]
+    # --overwrite replaces the whole folder, as beit3-convert does: no stale file of an earlier conversion survives.
     checkpoint = _write_vqkd_pth(tmp_path / "vqkd.pth")
     code, _, err = _cli(
         capsys, "--kind", "vqkd", "--checkpoint", str(checkpoint), "--output", str(full), "--overwrite",
         "--num-attention-heads", str(FIXTURE_HEADS),
     )  # fmt: skip
     assert code == 0, err
-    assert (full / "keep.txt").exists() and (full / "model.safetensors").exists()
+    assert not (full / "keep.txt").exists() and (full / "model.safetensors").exists()
+    assert not list(tmp_path.glob(".full.partial-*")), "the staging folder must not be left behind"
 
 
 def test_vqkd_checkpoint_is_read_without_code(tmp_path):

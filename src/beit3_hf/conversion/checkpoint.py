@@ -11,13 +11,14 @@ the code files, and loads with `AutoModel.from_pretrained(folder, trust_remote_c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -304,9 +305,15 @@ def resize_model(model: Beit3PreTrainedModel, image_size: int) -> Beit3PreTraine
     return resized.eval()
 
 
-def prepare_output(output: Path, overwrite: bool) -> Path:
-    """Check `output` before any work and return an empty staging folder beside it (so an unwritable location fails
-    at once, and a failed conversion never leaves a half-written or mixed folder behind)."""
+@contextlib.contextmanager
+def staged_output(output: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Check `--output` before any work, yield an empty staging folder beside it, and move that folder into place
+    only once the block completes.
+
+    An unwritable location fails at once; `overwrite` replaces the whole folder (no stale processor or tokenizer file
+    of an earlier conversion survives); a failed conversion leaves `output` as it was and no half-written folder.
+    """
+    output = Path(output)
     if output.exists() and not output.is_dir():
         raise ConversionError(f"--output {output} is an existing file, not a folder.")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -316,9 +323,16 @@ def prepare_output(output: Path, overwrite: bool) -> Path:
         )
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     except OSError as error:
         raise ConversionError(f"--output {output} cannot be written: {error}") from error
+    try:
+        yield staging
+        if output.is_dir():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def random_inputs(config: Beit3Config, task: str, batch_size: int = 2, text_len: int = 8, seed: int = 0) -> dict:
@@ -385,23 +399,16 @@ def _positive_int(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    output = Path(args.output)
     try:
-        staging = prepare_output(output, args.overwrite)
-        try:
+        with staged_output(args.output, args.overwrite) as staging:
             model = convert_to(staging, args)
-            if output.is_dir():  # only now is `output` replaced, by the finished staging folder
-                shutil.rmtree(output)
-            staging.rename(output)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     except (ConversionError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     config = model.config
     print(
         f"Saved {type(model).__name__} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-        f"{config.num_attention_heads} attention heads, image {config.image_size}) to {output}"
+        f"{config.num_attention_heads} attention heads, image {config.image_size}) to {args.output}"
     )
     return 0
 

@@ -18,8 +18,9 @@ The output folder holds the weights (safetensors), `config.json` and the code fi
 - `--kind dall-e` reads OpenAI's `encoder.pkl`, a pickled `dall_e.encoder.Encoder` module, with the restricted
   unpickler of `beit3_hf.conversion.safe_pickle`: no code from the file runs, and nothing relaxes that. Widths,
   blocks per group and the vocabulary are read from the tensors and checked against the recorded attributes.
-- Mapped tensors must be floating point and finite; an `--output` that is a file or a non-empty folder is refused
-  (before the checkpoint is read) unless `--overwrite` is given, in which case files of the same names are replaced.
+- Mapped tensors must be floating point and finite. `--output` is handled as by `beit3-convert`: a file or a
+  non-empty folder is refused before the checkpoint is read unless `--overwrite` is given, which replaces the whole
+  folder; the model is written to a staging folder and moved into place only when complete.
 """
 
 from __future__ import annotations
@@ -33,22 +34,18 @@ from pathlib import Path
 
 import torch
 
-from beit3_hf.conversion.checkpoint import ConversionError, abbreviate, check_tensors, load_checkpoint_dict
+from beit3_hf.conversion.checkpoint import (
+    ConversionError,
+    abbreviate,
+    check_tensors,
+    load_checkpoint_dict,
+    staged_output,
+)
 from beit3_hf.conversion.safe_pickle import PickledModule, UnsafePickleError, read_pickled_module
 from beit3_hf.models.dall_e import DallEConfig, DallEEncoderModel
 from beit3_hf.models.dall_e import register as register_dall_e
 from beit3_hf.models.vqkd import VqkdConfig, VqkdModel
 from beit3_hf.models.vqkd import register as register_vqkd
-
-
-def check_output_folder(output: str | Path, overwrite: bool = False) -> Path:
-    """Refuse an output that is a file, or a non-empty folder unless `overwrite`; called before any reading."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise ConversionError(f"--output {output} is an existing file, not a folder.")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ConversionError(f"--output {output} is a non-empty folder; pass --overwrite to write into it anyway.")
-    return output
 
 
 def _load_into(
@@ -368,16 +365,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.kind != "vqkd" and args.num_attention_heads is not None:
             raise ConversionError("--num-attention-heads applies to --kind vqkd only.")
-        output = check_output_folder(args.output, args.overwrite)  # before reading the (large) checkpoint
-        model, dropped = converters[args.kind]()
+        with staged_output(args.output, args.overwrite) as staging:  # checked before the (large) checkpoint is read
+            model, dropped = converters[args.kind]()
+            for reason, keys in dropped.items():
+                print(f"Dropped {len(keys)} keys, {reason}: {abbreviate(keys, limit=4)}")
+            register_vqkd()
+            register_dall_e()
+            model.save_pretrained(staging)
     except (ConversionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for reason, keys in dropped.items():
-        print(f"Dropped {len(keys)} keys, {reason}: {abbreviate(keys, limit=4)}")
-    register_vqkd()
-    register_dall_e()
-    model.save_pretrained(output)
     config = model.config
     if isinstance(model, VqkdModel):
         summary = (
@@ -389,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{config.num_groups} groups x {config.num_blocks_per_group} blocks, width {config.hidden_size}, "
             f"vocabulary {config.vocab_size}"
         )
-    print(f"Saved {type(model).__name__} ({summary}) to {output}")
+    print(f"Saved {type(model).__name__} ({summary}) to {args.output}")
     return 0
 
 

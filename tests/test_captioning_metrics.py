@@ -211,21 +211,24 @@ def test_cider_and_bleu_on_fixed_captions():
         cider_d(REFERENCES, {1: "a"})
 
 
-def test_cider_and_bleu_equal_pycocoevalcap():  # pycocoevalcap is in the test extra: no skip
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
+def test_cider_per_image_scores_follow_the_candidates_order():
+    score, per_image = cider_d(REFERENCES, CANDIDATES)
+    reordered = dict(reversed(list(CANDIDATES.items())))
+    score_reversed, per_image_reversed = cider_d(REFERENCES, reordered)  # references in their own order
+    assert score_reversed == pytest.approx(score) and per_image_reversed == pytest.approx(per_image[::-1])
+    assert per_image[0] != per_image[-1]
 
-    cases = [(REFERENCES, CANDIDATES)]
-    rng = random.Random(0)
-    words = ["a", "the", "red", "blue", "circle", "square", "in", "top", "left", "bottom", "right", "and", "with"]
-    for _ in range(25):
-        n = rng.randint(1, 10)
-        refs = {
-            i: [" ".join(rng.choices(words, k=rng.randint(1, 9))) for _ in range(rng.randint(1, 5))] for i in range(n)
-        }
-        cases.append((refs, {i: " ".join(rng.choices(words, k=rng.randint(1, 9))) for i in range(n)}))
-    for refs, cands in cases:
-        wrapped = {key: [text] for key, text in cands.items()}
-        assert cider_d(refs, cands)[0] == pytest.approx(Cider().compute_score(refs, wrapped)[0], abs=1e-12)
-        expected_bleu = Bleu(4).compute_score(refs, wrapped, verbose=0)[0]
-        assert bleu(refs, cands) == pytest.approx(expected_bleu, abs=1e-12)
+
+@pytest.mark.parametrize(
+    ("references", "candidates", "message"),
+    [
+        ({1: "a red circle"}, {1: "a red circle"}, "non-empty list of captions"),
+        ({1: []}, {1: "a red circle"}, "non-empty list of captions"),
+        ({1: ["a red circle"]}, {1: ["a red circle"]}, "one caption \\(a str\\), got list"),
+        ({}, {}, "no captions to score"),
+    ],
+)
+def test_metrics_name_the_bad_input(references, candidates, message):
+    for metric in (cider_d, bleu):
+        with pytest.raises(ValueError, match=message):
+            metric(references, candidates)

@@ -9,10 +9,9 @@
   ``'s``, ``'re`` ... split, hyphenated words, ``3.5`` and ``1,000`` kept whole, brackets as ``-lrb-`` ...,
   abbreviations such as ``u.s.`` and ``mr.`` kept); it does not implement CoreNLP's full lexer (URLs, e-mail
   addresses, emoticons, SGML, rare abbreviations or Unicode quote variants may split differently).
-- :func:`cider_d` and :func:`bleu`: CIDEr-D (``Cider`` of pycocoevalcap: n = 1..4, sigma = 6, document frequencies
-  from the references of the evaluated set, clipped tf-idf, Gaussian length penalty, x 10) and corpus BLEU-1..4
-  (``Bleu``: "closest" reference length, the same smoothing constants), reimplemented so that evaluation needs
-  neither Java nor pycocoevalcap's 100 MB of jars; the tests check both against pycocoevalcap when it is installed.
+- :func:`cider_d` and :func:`bleu`: CIDEr-D and corpus BLEU-1..4 by pycocoevalcap's own scorers (``Cider``:
+  n = 1..4, sigma = 6; ``Bleu``: "closest" reference length), which are pure Python; only its tokenizer needs Java,
+  and :func:`tokenize_caption` replaces that.
 - :func:`caption_metrics`: tokenise, then CIDEr and BLEU-1..4, as ``COCOEvalCap`` reports them (fractions; CIDEr
   on its usual 0-10 scale, e.g. 1.336 for the 133.6 of the BEiT-3 paper).
 
@@ -21,9 +20,7 @@ Library code (never shipped in a checkpoint folder).
 
 from __future__ import annotations
 
-import math
 import re
-from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import torch
@@ -195,20 +192,16 @@ def tokenize_caption(caption: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _ngrams(words: Sequence[str], n: int) -> Counter:
-    """Counts of the 1- to n-grams of `words`."""
-    return Counter(tuple(words[i : i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
-
-
-def _check_pairs(
+def _scorer_inputs(
     references: Mapping[Hashable, Sequence[str]], candidates: Mapping[Hashable, str]
-) -> list[tuple[str, list[str]]]:
+) -> tuple[dict[Hashable, list[str]], dict[Hashable, list[str]]]:
+    """Check the captions and put them in pycocoevalcap's layout ({image: references}, {image: [candidate]}), in the
+    candidates' order (which orders the per-image scores). pycocoevalcap itself only `assert`s its layout."""
     if set(references) != set(candidates):
         missing = sorted(map(str, set(references) ^ set(candidates)))[:5]
         raise ValueError(f"references and candidates must cover the same images; they differ on e.g. {missing}.")
     if not candidates:
         raise ValueError("no captions to score.")
-    pairs = []
     for key, candidate in candidates.items():
         refs = references[key]
         if isinstance(refs, str) or len(refs) == 0:
@@ -217,105 +210,41 @@ def _check_pairs(
             raise ValueError(
                 f"image {key!r}: the candidate must be one caption (a str), got {type(candidate).__name__}."
             )
-        pairs.append((candidate, list(refs)))
-    return pairs
+    return {key: list(references[key]) for key in candidates}, {key: [text] for key, text in candidates.items()}
 
 
 def cider_d(
     references: Mapping[Hashable, Sequence[str]], candidates: Mapping[Hashable, str], n: int = 4, sigma: float = 6.0
 ) -> tuple[float, list[float]]:
-    """CIDEr-D of tokenised captions (pycocoevalcap's ``Cider``): (corpus score, per-image scores).
+    """CIDEr-D of tokenised captions, by pycocoevalcap's ``Cider``: (corpus score, per-image scores).
 
     Document frequencies come from the references of the images scored together, so a score depends on the whole
-    set (as in COCO evaluation). Each n-gram vector is tf-idf weighted with ``idf = log(num_images) - log(max(1,
-    df))``; the candidate's weights are clipped to the reference's; the cosine is multiplied by
-    ``exp(-(len_candidate - len_reference)^2 / (2 sigma^2))`` (lengths in words); scores average over n = 1..n and
-    over the references, times 10.
+    set (as in COCO evaluation); n-gram tf-idf vectors for n = 1..n, the candidate's weights clipped to the
+    reference's, a Gaussian length penalty of width `sigma`, averaged over the references, times 10.
 
     Example:
         >>> refs = {1: ["a red circle", "a red disc"], 2: ["a blue box", "a blue square"]}
         >>> round(cider_d(refs, {1: "a red circle", 2: "a green box"})[0], 4)
         2.8125
     """
-    pairs = _check_pairs(references, candidates)
-    cooked = [(_ngrams(c.split(), n), [_ngrams(r.split(), n) for r in refs]) for c, refs in pairs]
-    document_frequency: Counter = Counter()
-    for _, refs in cooked:
-        document_frequency.update({gram for ref in refs for gram in ref})
-    log_num_images = math.log(float(len(cooked)))
+    from pycocoevalcap.cider.cider import Cider  # pure Python; the package comes with the `train` extra
 
-    def vector(counts: Counter) -> tuple[list[dict], list[float], int]:
-        weights: list[dict] = [{} for _ in range(n)]
-        norms = [0.0] * n
-        length = 0
-        for gram, tf in counts.items():
-            order = len(gram) - 1
-            weight = float(tf) * (log_num_images - math.log(max(1.0, document_frequency[gram])))
-            weights[order][gram] = weight
-            norms[order] += weight**2
-            if order == 1:  # pycocoevalcap counts the bigrams here, not the words (its length penalty does so too)
-                length += tf
-        return weights, [math.sqrt(value) for value in norms], length
-
-    scores = []
-    for candidate, refs in cooked:
-        cand_vec, cand_norm, cand_len = vector(candidate)
-        total = [0.0] * n
-        for ref in refs:
-            ref_vec, ref_norm, ref_len = vector(ref)
-            penalty = math.e ** (-(float(cand_len - ref_len) ** 2) / (2 * sigma**2))
-            for order in range(n):
-                value = sum(
-                    min(weight, ref_vec[order].get(gram, 0.0)) * ref_vec[order].get(gram, 0.0)
-                    for gram, weight in cand_vec[order].items()
-                )
-                if cand_norm[order] != 0 and ref_norm[order] != 0:
-                    value /= cand_norm[order] * ref_norm[order]
-                total[order] += value * penalty
-        scores.append(sum(total) / n / len(refs) * 10.0)
-    return sum(scores) / len(scores), scores
+    refs, cands = _scorer_inputs(references, candidates)
+    score, scores = Cider(n=n, sigma=sigma).compute_score(refs, cands)
+    return float(score), [float(value) for value in scores]
 
 
 def bleu(references: Mapping[Hashable, Sequence[str]], candidates: Mapping[Hashable, str], n: int = 4) -> list[float]:
-    """Corpus BLEU-1..n of tokenised captions (pycocoevalcap's ``Bleu``, "closest" reference length).
-
-    Clipped n-gram matches and candidate n-grams are summed over the corpus; BLEU-k is the geometric mean of the
-    first k precisions (with pycocoevalcap's 1e-15 / 1e-9 smoothing constants) times the brevity penalty of the
-    summed candidate and closest-reference lengths.
+    """Corpus BLEU-1..n of tokenised captions, by pycocoevalcap's ``Bleu`` ("closest" reference length).
 
     Example:
         >>> [round(b, 4) for b in bleu({1: ["a red circle on grey"]}, {1: "a red circle"})]
         [0.5134, 0.5134, 0.5134, 0.0162]
     """
-    pairs = _check_pairs(references, candidates)
-    small, tiny = 1e-9, 1e-15
-    guess, correct = [0] * n, [0] * n
-    test_length = reference_length = 0
-    for candidate, refs in pairs:
-        words = candidate.split()
-        counts = _ngrams(words, n)
-        max_counts: dict = {}
-        ref_lengths = []
-        for ref in refs:
-            ref_words = ref.split()
-            ref_lengths.append(len(ref_words))
-            for gram, count in _ngrams(ref_words, n).items():
-                max_counts[gram] = max(max_counts.get(gram, 0), count)
-        test_length += len(words)
-        reference_length += min((abs(length - len(words)), length) for length in ref_lengths)[1]
-        for k in range(n):
-            guess[k] += max(0, len(words) - k)
-        for gram, count in counts.items():
-            correct[len(gram) - 1] += min(max_counts.get(gram, 0), count)
-    scores = []
-    product = 1.0
-    for k in range(n):
-        product *= (correct[k] + tiny) / (guess[k] + small)
-        scores.append(product ** (1.0 / (k + 1)))
-    ratio = (test_length + tiny) / (reference_length + small)
-    if ratio < 1:
-        scores = [score * math.exp(1 - 1 / ratio) for score in scores]
-    return scores
+    from pycocoevalcap.bleu.bleu import Bleu  # pure Python; the package comes with the `train` extra
+
+    refs, cands = _scorer_inputs(references, candidates)
+    return [float(value) for value in Bleu(n).compute_score(refs, cands, verbose=0)[0]]
 
 
 def caption_metrics(

@@ -240,6 +240,26 @@ def test_bad_options(options, match):
         generate_synthetic_samples(**options)
 
 
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"num_train": -1}, r"num_train must be >= 0"),
+        ({"num_val": 600, "num_test": 400}, r"1000 unique scenes requested"),
+        ({"image_format": "gif"}, r"image_format must be 'png' or 'jpg'"),
+        ({"language": "fr"}, r"language must be one of"),
+    ],
+)
+def test_refused_options_leave_the_filesystem_untouched(tmp_path, options, match):
+    with pytest.raises(ValueError, match=match):
+        write_synthetic_dataset(tmp_path / "new", **{**SMALL, **options})
+    assert not (tmp_path / "new").exists()
+    written = write_synthetic_dataset(tmp_path / "written", **SMALL).root
+    reference = snapshot(written)
+    with pytest.raises(ValueError, match=match):
+        write_synthetic_dataset(written, **{**SMALL, **options})
+    assert snapshot(written) == reference  # still complete: a plain rerun would not re-render
+
+
 def test_cli(tmp_path, capsys):
     args = ["--output", str(tmp_path / "cli"), "--num-train", "2", "--num-val", "1", "--num-test", "2"]
     args += ["--image-size", "32", "--classification-train-per-class", "1", "--classification-val-per-class", "1"]

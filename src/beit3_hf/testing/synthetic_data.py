@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import random
@@ -320,12 +321,8 @@ def caption_vocabulary(num_colours: int = len(COLOURS), num_shapes: int = len(SH
     """
     words = {"a", "an", "and", "at", "corner", "has", "image", "in", "is", "of", "the", "there", "with"}
     words.update(list(COLOURS)[:num_colours])
-    for shape in SHAPES[:num_shapes]:
-        for phrase in _SHAPE_WORDS[shape]:
-            words.update(phrase.split())
-    for phrases in _POSITION_WORDS.values():
-        for phrase in phrases:
-            words.update(phrase.split())
+    phrases = itertools.chain(*(_SHAPE_WORDS[shape] for shape in SHAPES[:num_shapes]), *_POSITION_WORDS.values())
+    words.update(word for phrase in phrases for word in phrase.split())
     return tuple(sorted(words))
 
 
@@ -518,21 +515,12 @@ def _tokens(raw: str) -> list[str]:
 
 def _karpathy_json(samples: Sequence[SyntheticSample]) -> dict:
     images = []
-    sentid = 0
+    sentids = itertools.count()
     for imgid, s in enumerate(samples):
-        sentences = []
-        for caption in s.captions:
-            sentences.append({"tokens": _tokens(caption), "raw": caption, "imgid": imgid, "sentid": sentid})
-            sentid += 1
+        sentences = [{"tokens": _tokens(c), "raw": c, "imgid": imgid, "sentid": next(sentids)} for c in s.captions]
+        ids = [x["sentid"] for x in sentences]
         images.append(
-            {
-                "filepath": "images",
-                "sentids": [x["sentid"] for x in sentences],
-                "filename": s.filename,
-                "imgid": imgid,
-                "split": s.split,
-                "sentences": sentences,
-            }
+            dict(filepath="images", sentids=ids, filename=s.filename, imgid=imgid, split=s.split, sentences=sentences)
         )
     return {"images": images, "dataset": "synthetic"}
 
@@ -585,10 +573,10 @@ def _write_owned_folder(
         and all((root / rel).is_file() and (root / rel).stat().st_size == size for rel, size in manifest["files"])
     ):
         return
+    files = make_files()  # before anything is written: a refused option leaves the filesystem untouched
     root.mkdir(parents=True, exist_ok=True)
-    # Mark the folder as ours before writing anything, so that an interrupted run can be resumed.
+    # Mark the folder as ours before writing any file, so that an interrupted run can be resumed.
     _write_if_changed(manifest_path, _json_bytes({"complete": False, "config": config, "files": []}))
-    files = make_files()
     for rel, data in files.items():
         _write_if_changed(root / rel, data)
     for folder in owned_dirs:
@@ -713,13 +701,11 @@ def write_synthetic_dataset(
             files[f"captions_{split}.jsonl"] = ("\n".join(lines) + "\n").encode("utf-8")
         for split, per_class in (("train", classification_train_per_class), ("val", classification_val_per_class)):
             rng = random.Random(f"beit3-synthetic:{seed}:classification:{split}")
-            for colour in colours:
-                for shape in shapes:
-                    for i in range(per_class):
-                        obj = SceneObject(colour, shape, rng.choice(POSITIONS))
-                        seed_text = f"beit3-synthetic:{seed}:cls:{split}:{colour}:{shape}:{i}"
-                        name = f"imagenet/{split}/{colour}_{shape}/{colour}_{shape}_{split}_{i:05d}.JPEG"
-                        files[name] = _encode(render_scene([obj], image_size, seed_text), "jpg")
+            for colour, shape, i in itertools.product(colours, shapes, range(per_class)):
+                obj = SceneObject(colour, shape, rng.choice(POSITIONS))
+                seed_text = f"beit3-synthetic:{seed}:cls:{split}:{colour}:{shape}:{i}"
+                name = f"imagenet/{split}/{colour}_{shape}/{colour}_{shape}_{split}_{i:05d}.JPEG"
+                files[name] = _encode(render_scene([obj], image_size, seed_text), "jpg")
         return files
 
     # Only images/, imagenet/ and the caption files are the generator's: other files under root are left alone.

@@ -1,17 +1,10 @@
-"""What the example scripts share, so that no run loses its model or its progress and no bad image goes unnoticed.
+"""What the example scripts share, so that no run loses its model or its progress and no bad image goes unnoticed:
+`ScriptTrainingArguments` (the options every script adds to `TrainingArguments`), `start_run` (arguments, logging,
+launch checks, strict resumption with `resolve_checkpoint`), `run_stages` (train, evaluate, predict; the model is
+saved before any evaluation), and for the vision-language scripts (retrieval, VQA, NLVR2, captioning) their
+arguments, `ImageTextCollator`, `load_processor` (any tokenizer), `fit_text_vocabulary` and `train_image_transform`.
 
-- `ScriptTrainingArguments`: `TrainingArguments` plus the options every script adds (resume, image checks, early
-  stopping); `resolve_checkpoint`: transformers' `get_last_checkpoint` made strict (complete checkpoints only).
-- `start_run` (`parse_script_args`, `setup_logging`, `check_distributed_launch`, `resolve_checkpoint`, seeding),
-  `load_config`, `save_final_model`, `run_stages`: the common set-up, the stages (evaluate before training, train,
-  evaluate, predict) with their metrics files, and the save that happens before any evaluation.
-- The vision-language scripts (retrieval, VQA, NLVR2, captioning) share `ModelArguments`, `ImageTextDataArguments`,
-  `ImageTextTrainingArguments`, `ImageTextCollator` and their text and image inputs: `load_processor` (any
-  tokenizer), `fit_text_vocabulary` (embeddings resized to the tokenizer, special-token ids from it) and
-  `train_image_transform`.
-
-Images are decoded by `beit3_hf.data.loaders` with errors that name the file. Library code for the example scripts
-(never shipped in a checkpoint folder).
+Library code for the example scripts (never shipped in a checkpoint folder).
 """
 
 from __future__ import annotations
@@ -34,6 +27,9 @@ import torch
 import transformers
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, HfArgumentParser, PretrainedConfig, TrainingArguments
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from ..model_card import card_task, write_model_card_file
 from ..models.beit3.configuration_beit3 import BEIT3_PRESETS, Beit3Config
@@ -65,15 +61,9 @@ __all__ = [
     "write_model_card",
 ]
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-_TRAINER_STATE = "trainer_state.json"
-_WEIGHTS = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-    "adapter_model.safetensors",  # a PEFT (LoRA) run saves its adapter only
-)
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+# A PEFT (LoRA) run saves its adapter only.
+_WEIGHTS = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "adapter_model.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,14 +265,12 @@ def _damage(path: Path) -> str | None:
 
 def _checkpoint_problems(folder: Path) -> list[str]:
     """Why a checkpoint folder cannot be resumed from: missing trainer state or weights, truncated files."""
-    problems = []
-    if not (folder / _TRAINER_STATE).is_file():
-        problems.append(f"no {_TRAINER_STATE}")
-    deepspeed_or_fsdp = any(p.name.startswith(("global_step", "pytorch_model_fsdp")) for p in folder.iterdir())
+    entries = list(folder.iterdir())
+    problems = [] if (folder / TRAINER_STATE_NAME).is_file() else [f"no {TRAINER_STATE_NAME}"]
+    deepspeed_or_fsdp = any(p.name.startswith(("global_step", "pytorch_model_fsdp")) for p in entries)
     if not deepspeed_or_fsdp and not any((folder / name).is_file() for name in _WEIGHTS):
         problems.append("no model weights")
-    files = sorted(p for p in folder.iterdir() if p.is_file())
-    problems.extend(problem for problem in map(_damage, files) if problem is not None)
+    problems.extend(filter(None, map(_damage, sorted(p for p in entries if p.is_file()))))
     return problems
 
 
@@ -293,9 +281,9 @@ def _missing_optimizer_state(folder: Path) -> list[str]:
         return []
     missing = []
     if not any(name.startswith("optimizer") for name in names):  # optimizer.pt, or FSDP's optimizer_0
-        missing.append("optimizer.pt")
-    if "scheduler.pt" not in names:
-        missing.append("scheduler.pt")
+        missing.append(OPTIMIZER_NAME)
+    if SCHEDULER_NAME not in names:
+        missing.append(SCHEDULER_NAME)
     return missing
 
 
@@ -314,8 +302,7 @@ def last_complete_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
         if path.is_dir() and (match := _CHECKPOINT.match(path.name))
     )
     for _, path in reversed(checkpoints):
-        problems = _checkpoint_problems(path)
-        if not problems:
+        if not (problems := _checkpoint_problems(path)):
             return str(path)
         logger.warning(
             "Skipping the incomplete checkpoint %s (%s): a run stopped while saving it.", path, "; ".join(problems)
@@ -347,8 +334,7 @@ def resolve_checkpoint(training_args: ScriptTrainingArguments) -> str | None:
         path = Path(requested)
         if not path.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {requested}: no such folder.")
-        problems = _checkpoint_problems(path)
-        if problems:
+        if problems := _checkpoint_problems(path):
             raise ValueError(
                 f"--resume_from_checkpoint {requested}: not a complete Trainer checkpoint ({'; '.join(problems)})."
             )
@@ -364,8 +350,7 @@ def resolve_checkpoint(training_args: ScriptTrainingArguments) -> str | None:
             logger.info("Resuming from the last checkpoint of --output_dir: %s", checkpoint)
     if checkpoint is None:
         return None
-    missing = _missing_optimizer_state(Path(checkpoint))
-    if missing:
+    if missing := _missing_optimizer_state(Path(checkpoint)):
         message = (
             f"The checkpoint {checkpoint} has no {' / '.join(missing)} (saved with --save_only_model?): resuming "
             "from it restores the weights and the step but restarts the optimizer and the learning-rate schedule."
@@ -373,7 +358,7 @@ def resolve_checkpoint(training_args: ScriptTrainingArguments) -> str | None:
         if not training_args.ignore_missing_optimizer_state:
             raise ValueError(f"{message} Pass --ignore_missing_optimizer_state to accept that.")
         logger.warning(message)
-    if not (Path(checkpoint) / "rng_state.pth").is_file() and not any(Path(checkpoint).glob("rng_state_*.pth")):
+    if not any(Path(checkpoint).glob("rng_state*.pth")):  # rng_state.pth, or rng_state_{rank}.pth
         logger.warning(
             "The checkpoint %s has no RNG state: the resumed run will not repeat the original exactly.", checkpoint
         )
@@ -464,13 +449,12 @@ def run_stages(
     train_metrics: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """What every script does once its trainer is built, in this order, each metric set logged and saved as
-    transformers' examples do (`log_metrics` / `save_metrics`: `<split>_results.json` and `all_results.json`):
+    transformers' examples do (`<split>_results.json` and `all_results.json`):
 
     1. `--eval_before_training`: `evaluate("before")`;
     2. `--do_train`: train (from `checkpoint`), then save the model, its processor and a model card (`card`: the
-       `description`, `tags`, ... of `write_model_card`) before any evaluation, so that a failing evaluation never
-       costs them; the train metrics get `train_samples`, `train_skipped_images` and `train_metrics`; a
-       non-finite training loss is an error here, after the save (see `report_training`);
+       keywords of `write_model_card`) before any evaluation can fail; the train metrics get `train_samples`,
+       `train_skipped_images` and `train_metrics`; a non-finite training loss raises after the save;
     3. `--do_eval`: `evaluate("eval")`; 4. `--do_predict`: `predict()`;
     5. after training and an evaluation, the model card again, with the results.
 

@@ -1,12 +1,8 @@
-"""Training pieces of the original BEiT-3 recipes, for `transformers.Trainer` and `accelerate`.
-
-- `layer_decay_parameter_groups`: AdamW groups with layer-wise learning-rate decay and the original's weight-decay
-  exclusions (`beit3/optim_factory.py`).
-- `global_contrastive_loss`: the image-text contrastive loss over the global batch of all processes (features
-  gathered with gradients), as the original `ClipLoss` with `world_size > 1`.
-- `Beit3Trainer`: a `Trainer` that uses both, honours `--optim`, and reports the training images it had to skip.
-
-`load_config` (re-exported here) and the rest of what the example scripts share live in `beit3_hf.training.scripts`.
+"""Training pieces of the original BEiT-3 recipes for `transformers.Trainer`: layer-wise learning-rate decay groups
+with the original's weight-decay exclusions (`beit3/optim_factory.py`), the image-text contrastive loss over the
+global batch of all processes (the original `ClipLoss` with `world_size > 1`), and `Beit3Trainer`, which uses both,
+honours `--optim` and reports the training images it had to skip. `load_config` is re-exported from
+`beit3_hf.training.scripts`, with the rest of what the example scripts share.
 
 Not remote code: the model files never import this module.
 """
@@ -121,15 +117,6 @@ def global_contrastive_loss(
     return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
 
 
-def _builds_own_parameter_groups(optimizer_cls: Any, optimizer_kwargs: dict[str, Any]) -> bool:
-    """Whether `--optim` makes its own parameter groups (GaLore, LOMO, layer-wise or factory optimizers)."""
-    from transformers.trainer_optimizer import is_optimizer_factory
-
-    return is_optimizer_factory(optimizer_cls) or any(
-        k in optimizer_kwargs for k in ("params", "model", "optimizer_dict")
-    )
-
-
 class _SkippedImagesReport(TrainerCallback):
     """Writes `Beit3Trainer`'s record of skipped training images at each checkpoint and at the end of training."""
 
@@ -179,6 +166,8 @@ class Beit3Trainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The `--optim` optimizer (`Trainer.get_optimizer_cls_and_kwargs`) over the layer-decay groups of
         `layer_decay_parameter_groups`; each group keeps its own learning rate and weight decay."""
+        from transformers.trainer_optimizer import is_optimizer_factory
+
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
@@ -186,7 +175,8 @@ class Beit3Trainer(Trainer):
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
         else:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        if _builds_own_parameter_groups(optimizer_cls, optimizer_kwargs):
+        # GaLore, LOMO, layer-wise and factory optimizers make their own parameter groups.
+        if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & optimizer_kwargs.keys():
             if self.layer_decay != 1.0:
                 raise ValueError(
                     f"--optim {self.args.optim} builds its own parameter groups and cannot apply the layer-wise "

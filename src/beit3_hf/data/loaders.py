@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,23 +370,49 @@ class UndecodableImageError(OSError):
     """An image file that Pillow cannot read; the message starts with the file's path."""
 
 
-def _image_source(value: Any) -> tuple[str, Any]:
-    """`(name, what Image.open takes)` of a path, a `datasets.Image(decode=False)` dict or a PIL image."""
-    if isinstance(value, dict):  # {"path": ..., "bytes": ...} from datasets.Image(decode=False)
-        path, data = value.get("path"), value.get("bytes")
-        if data is not None:
-            return str(path or "<image bytes>"), io.BytesIO(data)
-        if path is None:
-            raise UndecodableImageError("<image>: the row has neither a path nor bytes")
-        return str(path), path
-    return str(value), value
-
-
 def image_name(value: Any) -> str:
     """The file name of an image value (path, `datasets.Image(decode=False)` dict), for messages and reports."""
     if isinstance(value, Image.Image):
         return getattr(value, "filename", "") or "<PIL image>"
-    return _image_source(value)[0]
+    if isinstance(value, dict):  # {"path": ..., "bytes": ...} from datasets.Image(decode=False)
+        path = value.get("path")
+        if value.get("bytes") is not None:
+            return str(path or "<image bytes>")
+        if path is None:
+            raise UndecodableImageError("<image>: the row has neither a path nor bytes")
+        return str(path)
+    return str(value)
+
+
+def decode_image(
+    source: bytes | bytearray | memoryview | str | os.PathLike[str] | Mapping[str, Any] | Image.Image,
+) -> Image.Image:
+    """Decode an image fully and convert it to RGB; raise Pillow's own error on any corruption (truncation included).
+
+    ``source`` is encoded bytes, a file path, a ``datasets`` ``Image(decode=False)`` value (``{"bytes", "path"}``)
+    or a PIL image. The whole image is decoded here (``Image.load()``), so a truncated file fails now rather than
+    later in a transform (unless ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` was switched on globally).
+    :func:`open_image` is the same with an error that names the file.
+
+    Example:
+        >>> buffer = io.BytesIO()
+        >>> Image.new("L", (4, 3)).save(buffer, format="PNG")
+        >>> decode_image(buffer.getvalue()).mode, decode_image(buffer.getvalue()).size
+        ('RGB', (4, 3))
+    """
+    if isinstance(source, Mapping):
+        source = source["bytes"] if source.get("bytes") is not None else source["path"]
+    if isinstance(source, Image.Image):
+        image = source
+        image.load()
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        image = Image.open(io.BytesIO(bytes(source)))
+        image.load()
+    else:
+        with open(os.fspath(source), "rb") as file:  # closed even when decoding fails
+            image = Image.open(file)
+            image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def open_image(value: Any) -> Image.Image:
@@ -405,13 +431,9 @@ def open_image(value: Any) -> Image.Image:
         ...     print(str(error).startswith(str(bad)))
         True
     """
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    name, source = _image_source(value)
+    name = image_name(value)
     try:
-        with Image.open(source) as image:
-            image.load()
-            return image.convert("RGB")
+        return decode_image(value)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         if isinstance(error, FileNotFoundError):
             raise UndecodableImageError(f"{name}: no such file") from error
@@ -524,8 +546,7 @@ def transform_with_skipping(
     def transform(batch: dict[str, list]) -> dict[str, list]:
         batch, images, skipped = decoder(batch)
         out = build(batch, images)
-        size = len(images)
-        out["skipped_images"] = [skipped if i == 0 else [] for i in range(size)]
+        out["skipped_images"] = [skipped if i == 0 else [] for i in range(len(images))]
         return out
 
     return transform
@@ -779,7 +800,4 @@ def load_imagefolder(
         cache_dir=None if cache_dir is None else str(cache_dir),
         keep_in_memory=keep_in_memory,
     )
-    names = dataset["train"].features["label"].names
-    if names != class_names:  # the builder derives labels from folder names; make sure they agree with the scan
-        raise RuntimeError(f"{root}: datasets inferred classes {names[:5]}..., expected {class_names[:5]}...")
     return ImageFolderData(dataset=dataset, class_names=class_names, root=root)

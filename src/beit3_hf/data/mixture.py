@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,7 +235,7 @@ class _Draws:
         self.mixture = mixture
         self.worker, self.num_workers = worker, num_workers
         self.counts = dict.fromkeys(OBJECTIVES, 0)  # draws so far, per objective
-        self._webdataset: Iterator[tuple[str, Image.Image, str]] | None = None
+        self._webdataset = self._webdataset_pairs()  # a generator: nothing is read before the first draw
         self._permutations: dict[str, tuple[int, np.ndarray]] = {}  # objective -> (pass, order)
 
     def _position(self, objective: str) -> int:
@@ -253,8 +253,8 @@ class _Draws:
             self._permutations[objective] = (epoch, permutation)
         return items[permutation[index]]
 
-    def _webdataset_pairs(self) -> Iterator[tuple[str, Image.Image, str]]:
-        """Decoded (name, image, caption) of the shards, pass after pass; the shard order is seeded per pass."""
+    def _webdataset_pairs(self) -> Iterator[tuple[Image.Image, str]]:
+        """Decoded (image, caption) of the shards, pass after pass; the shard order is seeded per pass."""
         import webdataset as wds
 
         urls = self.mixture.webdataset_urls
@@ -282,34 +282,30 @@ class _Draws:
                     continue
                 image = self.mixture.skipped_images.decode(data, name)
                 if image is not None:
-                    yield name, image, caption
+                    yield image, caption
             epoch += 1
 
     def _shard_error(self, error: Exception) -> bool:
         self.mixture.skipped_images.record("<a shard>", error)
         return True
 
-    @staticmethod
-    def _first_decodable(draw: Callable[[], tuple[Image.Image | None, str, int]]) -> tuple[Image.Image, str, int]:
-        """The first `(image, caption, position)` that `draw()` gives with an image; a broken source raises."""
+    def _decodable(self, objective: str) -> tuple[Image.Image, str, int]:
+        """The objective's next draw with a decodable image, ``(image, caption, position)``: from ``images`` (no
+        caption) for ``image_mim`` when given, else from the pairs; a broken source raises."""
+        mixture = self.mixture
         for _ in range(_MAX_FAILURES_IN_A_ROW):
-            image, caption, position = draw()
+            position = self._position(objective)
+            if objective == "image_mim" and mixture.images:
+                path, caption = self._from_list(objective, mixture.images, position), ""
+            elif mixture.pairs:
+                path, caption = self._from_list(objective, mixture.pairs, position)
+            else:
+                image, caption = next(self._webdataset)
+                return image, caption, position
+            image = mixture.skipped_images.decode(path, path)  # None: skipped, counted
             if image is not None:
                 return image, caption, position
         raise RuntimeError(f"{_MAX_FAILURES_IN_A_ROW} images in a row could not be decoded: the data is broken.")
-
-    def _pair(self, objective: str) -> tuple[Image.Image, str, int]:
-        def draw() -> tuple[Image.Image | None, str, int]:
-            position = self._position(objective)
-            if self.mixture.pairs:
-                path, caption = self._from_list(objective, self.mixture.pairs, position)
-                return self.mixture.skipped_images.decode(path, path), caption, position  # None: skipped, counted
-            if self._webdataset is None:
-                self._webdataset = self._webdataset_pairs()
-            _, image, caption = next(self._webdataset)
-            return image, caption, position
-
-        return self._first_decodable(draw)
 
     def sample(self, objective: str) -> dict[str, Any]:
         mixture = self.mixture
@@ -318,30 +314,17 @@ class _Draws:
             position = self._position(objective)
             out = mixture.text_sample(objective, self._from_list(objective, mixture.texts, position), position)
         elif objective == "text_mlm":
-            _, caption, position = self._pair(objective)
+            _, caption, position = self._decodable(objective)
             out = mixture.text_sample(objective, caption, position)
         elif objective == "image_mim":
-            image, position = self._image(objective)
+            image, _, position = self._decodable(objective)
             out = mixture.mim_transform(image, key=(index, position))
         else:  # pair_mlm, itc
-            image, caption, position = self._pair(objective)
+            image, caption, position = self._decodable(objective)
             out = mixture.text_sample(objective, caption, position)
             out["pixel_values"] = mixture.pair_transform(image, key=(index, position))["pixel_values"]
         out["objective"] = index
         return out
-
-    def _image(self, objective: str) -> tuple[Image.Image, int]:
-        if not self.mixture.images:
-            image, _, position = self._pair(objective)
-            return image, position
-
-        def draw() -> tuple[Image.Image | None, str, int]:
-            position = self._position(objective)
-            path = self._from_list(objective, self.mixture.images, position)
-            return self.mixture.skipped_images.decode(path, path), "", position
-
-        image, _, position = self._first_decodable(draw)
-        return image, position
 
 
 class PretrainingCollator:

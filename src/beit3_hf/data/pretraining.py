@@ -36,7 +36,6 @@ shared with the data-loader workers, and the first few are logged with their nam
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 import multiprocessing
@@ -55,7 +54,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from ..training.masking import BlockMaskingGenerator
-from .loaders import list_image_files
+from .loaders import decode_image, list_image_files
 
 __all__ = [
     "BEIT3_IMAGE_MEAN",
@@ -84,14 +83,6 @@ VISUAL_TOKENIZER_VIEWS: dict[str, dict[str, Any]] = {
     "dall-e": {"size_factor": 0.5, "interpolation": "lanczos"},
 }
 
-_INTERPOLATIONS = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "lanczos": InterpolationMode.LANCZOS,
-    "box": InterpolationMode.BOX,
-    "hamming": InterpolationMode.HAMMING,
-}
 #: File extensions (lower case, without the dot) read as images from webdataset samples, in order of preference.
 WEBDATASET_IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 
@@ -105,44 +96,14 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 
 def _interpolation(name: str) -> InterpolationMode:
     try:
-        return _INTERPOLATIONS[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown interpolation {name!r}; known: {sorted(_INTERPOLATIONS)}") from None
+        return InterpolationMode(name.lower())
+    except ValueError:
+        raise ValueError(f"unknown interpolation {name!r}; known: {[m.value for m in InterpolationMode]}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Decoding and the failure log
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def decode_image(
-    source: bytes | bytearray | memoryview | str | os.PathLike[str] | Mapping[str, Any] | Image.Image,
-) -> Image.Image:
-    """Decode an image fully and convert it to RGB; raise on any corruption (truncation included).
-
-    ``source`` is encoded bytes, a file path, a ``datasets`` ``Image(decode=False)`` value (``{"bytes", "path"}``)
-    or a PIL image. The whole image is decoded here (``Image.load()``), so a truncated file fails now rather than
-    later in a transform (unless ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` was switched on globally).
-
-    Example:
-        >>> buffer = io.BytesIO()
-        >>> Image.new("L", (4, 3)).save(buffer, format="PNG")
-        >>> decode_image(buffer.getvalue()).mode, decode_image(buffer.getvalue()).size
-        ('RGB', (4, 3))
-    """
-    if isinstance(source, Mapping):
-        source = source["bytes"] if source.get("bytes") is not None else source["path"]
-    if isinstance(source, Image.Image):
-        image = source
-        image.load()
-    elif isinstance(source, (bytes, bytearray, memoryview)):
-        image = Image.open(io.BytesIO(bytes(source)))
-        image.load()
-    else:
-        with open(os.fspath(source), "rb") as file:  # closed even when decoding fails
-            image = Image.open(file)
-            image.load()
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 class DecodeFailures:
@@ -213,11 +174,8 @@ class DecodeFailures:
         with self._count.get_lock():
             stored = min(self._count.value, self.max_examples)
             raw = [bytes(self._text[i * self.max_chars : (i + 1) * self.max_chars]) for i in range(stored)]
-        pairs = []
-        for entry in raw:
-            name, _, message = entry.rstrip(b"\0").decode("utf-8", "ignore").partition("\t")
-            pairs.append((name, message))
-        return pairs
+        entries = (entry.rstrip(b"\0").decode("utf-8", "ignore").partition("\t") for entry in raw)
+        return [(name, message) for name, _, message in entries]
 
     @property
     def names(self) -> list[str]:
@@ -654,7 +612,7 @@ class PretrainingWebDataset(torch.utils.data.IterableDataset):
     the transform's seed and each sample's ``(shard name, __key__)``, so they do not depend on the read order.
 
     Example:
-        >>> import tempfile, webdataset
+        >>> import io, tempfile, webdataset
         >>> shard = f"{tempfile.mkdtemp()}/00000.tar"
         >>> buffer = io.BytesIO()
         >>> Image.new("RGB", (24, 24), "blue").save(buffer, format="JPEG")
@@ -799,8 +757,5 @@ class MaskedImageModelingCollator:
         kept = [e for e in examples if e is not None and e.get("pixel_values") is not None]
         if not kept:
             raise ValueError(f"no decodable image in this batch of {len(examples)}")
-        batch = {}
-        for name in self.keys:
-            if name in kept[0]:
-                batch[name] = torch.stack([torch.as_tensor(example[name]) for example in kept])
-        return batch
+        stack = [name for name in self.keys if name in kept[0]]
+        return {name: torch.stack([torch.as_tensor(example[name]) for example in kept]) for name in stack}

@@ -49,6 +49,7 @@ __all__ = [
     "load_config",
     "load_processor",
     "parse_script_args",
+    "report_training",
     "resolve_checkpoint",
     "run_stages",
     "save_final_model",

@@ -109,19 +109,15 @@ def self_regularization_loss(model: nn.Module) -> torch.Tensor:
     """Sum over the LoRA layers of `||W * (B @ A)||_F^2` (float32), `W` the frozen base weight; 0 without LoRA."""
     from peft.tuners.lora import LoraLayer
 
-    total = None
+    total = torch.zeros((), device=next(model.parameters()).device)
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
         weight = module.get_base_layer().weight
         for adapter in module.active_adapters:
-            if adapter not in module.lora_A:
-                continue
-            update = module.lora_B[adapter].weight @ module.lora_A[adapter].weight  # (out, in), unscaled
-            term = (weight.float() * update.float()).pow(2).sum()
-            total = term if total is None else total + term
-    if total is None:
-        return torch.zeros((), device=next(model.parameters()).device)
+            if adapter in module.lora_A:
+                update = module.lora_B[adapter].weight @ module.lora_A[adapter].weight  # (out, in), unscaled
+                total = total + (weight.float() * update.float()).pow(2).sum()
     return total
 
 
@@ -147,11 +143,7 @@ def merge_lora_folder(adapter_dir: str | Path, output: str | Path, base_model: s
             f"The adapter's base model {str(base)!r} is not a local folder; pass --base-model FOLDER."
         )
     model = AutoModel.from_pretrained(base, trust_remote_code=True)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    leftover = [key for key in merged.state_dict() if "lora_" in key]
-    if leftover:
-        raise RuntimeError(f"LoRA keys left after merging: {leftover[:5]}")
-    merged.save_pretrained(output)
+    PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().save_pretrained(output)
     for path in base.iterdir():  # processor, tokenizer and model card of the base folder
         if path.is_file() and path.suffix in _CARRIED_SUFFIXES and not (output / path.name).exists():
             shutil.copy2(path, output / path.name)

@@ -30,6 +30,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from torch.utils.data import get_worker_info
 
 __all__ = ["BEIT_MASK_RATIO", "BlockMaskingGenerator"]
 
@@ -44,7 +45,7 @@ _ATTEMPTS_PER_BLOCK = 10
 def _as_grid(input_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(input_size, int):
         return input_size, input_size
-    height, width = (int(v) for v in input_size)
+    height, width = map(int, input_size)
     return height, width
 
 
@@ -180,8 +181,8 @@ class BlockMaskingGenerator:
             if self.seed is None:
                 self._stream = np.random.default_rng()
             else:
-                worker = _worker_id()
-                self._stream = np.random.default_rng([self.seed] if worker is None else [self.seed, 1 << 32, worker])
+                info = get_worker_info()  # the data-loader worker's, None in the main process
+                self._stream = np.random.default_rng([self.seed] if info is None else [self.seed, 1 << 32, info.id])
             self._stream_pid = pid
         return self._stream
 
@@ -236,11 +237,3 @@ class BlockMaskingGenerator:
                 block[...] = True
                 return added
         return 0
-
-
-def _worker_id() -> int | None:
-    """The torch data-loader worker id of this process, or None in the main process."""
-    from torch.utils.data import get_worker_info
-
-    info = get_worker_info()
-    return None if info is None else info.id

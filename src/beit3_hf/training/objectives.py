@@ -102,8 +102,6 @@ class ObjectiveSchedule:
         self.seed = seed
 
     def __call__(self, step: int) -> str:
-        if len(self.names) == 1:
-            return self.names[0]
         draw = np.random.default_rng([self.seed, 0x0B7EC7, step]).random()
         return self.names[min(int(np.searchsorted(self.cumulative, draw, side="right")), len(self.names) - 1)]
 
@@ -300,20 +298,16 @@ class PretrainingTrainer(Beit3Trainer):
                 outputs.image_embeds, outputs.text_embeds, outputs.logit_scale
             )  # as global_contrastive_loss, whose gathered texts also give the accuracy
             loss = (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
-            with torch.no_grad():
-                correct, count = (logits_per_image.argmax(-1) == targets).sum(), torch.tensor(len(targets))
+            correct, count = (logits_per_image.argmax(-1) == targets).sum(), torch.tensor(len(targets))
         elif objective == "image_mim":
             labels = mim_targets(self.visual_tokenizer, inputs, config.patch_size)
             masked = inputs["bool_masked_pos"]
             outputs = model(pixel_values=inputs["pixel_values"], bool_masked_pos=masked, mim_labels=labels)
             count = masked.sum()
             loss = self._global_share(outputs.mim_loss, count)
-            with torch.no_grad():
-                correct = (
-                    (outputs.mim_logits.argmax(-1) == labels)[masked].sum()
-                    if not labels.is_floating_point()
-                    else torch.zeros((), device=masked.device)
-                )
+            correct = torch.zeros_like(count)  # pixel targets (floating point) have no accuracy
+            if not labels.is_floating_point():
+                correct = (outputs.mim_logits.argmax(-1) == labels)[masked].sum()
         else:  # text_mlm, pair_mlm
             labels = inputs["mlm_labels"]
             outputs = model(
@@ -325,8 +319,7 @@ class PretrainingTrainer(Beit3Trainer):
             valid = labels != -100
             count = valid.sum()
             loss = self._global_share(outputs.mlm_loss, count)
-            with torch.no_grad():
-                correct = (outputs.mlm_logits.argmax(-1) == labels)[valid].sum()
+            correct = (outputs.mlm_logits.argmax(-1) == labels)[valid].sum()  # argmax: no autograd graph
         self._record(OBJECTIVES.index(objective), loss, correct, count)
         if self.reg_loss_weight:
             reg = self_regularization_loss(model)

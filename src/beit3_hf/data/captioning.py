@@ -8,9 +8,7 @@ Captioning:
   "caption"}]}``, e.g. the NoCaps validation captions);
 - :func:`image_folder_records`: every image of a folder (NoCaps-style prediction), ids from a COCO-style image-info
   file (``{"images": [{"id", "file_name"}]}``) or from the file names;
-- :func:`mask_caption`: the original ``CaptioningDataset`` masking: ``max(1, min(round(n * p), n - 1))`` positions in
-  ``[1, n - 1]`` (never the first token; possibly ``</s>``), each turned into ``<mask>`` (80%), kept (10%) or
-  replaced by a random id (10%), with the same random draws, in the same order, as the original.
+- :func:`mask_caption`: the original ``CaptioningDataset`` masking, with the same random draws in the same order.
 
 Library code (never shipped in a checkpoint folder).
 """
@@ -121,9 +119,7 @@ def image_folder_records(
         raise FileNotFoundError(f"{folder}: no such image folder")
     if image_info is not None:
         info_path = Path(image_info)
-        if not info_path.is_file():
-            raise FileNotFoundError(f"{info_path}: no such image-info file")
-        data = read_json(info_path)
+        data = read_json(info_path)  # a missing file: FileNotFoundError naming it
         images = data.get("images") if isinstance(data, dict) else None
         if not isinstance(images, list) or not images:
             raise ValueError(

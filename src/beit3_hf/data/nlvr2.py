@@ -1,16 +1,16 @@
 """NLVR2 as released: JSON Lines statement files (``nlvr2/data/{train,dev,test1}.json``) and image-pair folders.
 
-Each line holds ``identifier`` (``"train-10171-0-0"``: set, pair, sentence), ``sentence``, ``label`` (``"True"`` /
-``"False"``) and, for training, ``directory``. The pair's images are ``IMAGE_DIR/[directory/]{set-pair}-img0.png``
-(left) and ``-img1.png`` (right), the layout of the original BEiT-3 recipe (``get_started_for_nlvr2.md``)::
+Each line holds ``identifier`` (``"train-10171-0-0"``: set, pair, image set, sentence), ``sentence``, ``label``
+(``"True"`` / ``"False"``) and, for training, ``directory``. The pair's images are
+``IMAGE_DIR/[directory/]{set}-{pair}-{image set}-img0.png`` (left) and ``-img1.png`` (right), as the original index
+builder reads them, in the layout of the original BEiT-3 recipe (``get_started_for_nlvr2.md``)::
 
     DATA_DIR/images/train/0/train-11670-0-img0.png
     DATA_DIR/dev/dev-269-0-img0.png
     DATA_DIR/test1/test1-261-0-img0.png
 
-- :func:`load_nlvr2`: the examples of one file, with errors naming the file and line, and missing images listed;
-- :func:`nlvr2_dataset`: a ``datasets.Dataset`` of them for a ``Trainer`` pipeline;
-- :func:`nlvr2_accuracy`: the original's accuracy (fraction of statements whose arg-max class is the label).
+:func:`load_nlvr2` reads one file, :func:`nlvr2_dataset` turns its examples into a ``datasets.Dataset`` for a
+``Trainer`` pipeline and :func:`nlvr2_accuracy` is the original's accuracy.
 
 Library code (never shipped in a checkpoint folder).
 """
@@ -68,12 +68,9 @@ def _label(value: Any, where: str) -> int | None:
 def load_nlvr2(
     path: str | os.PathLike[str], image_dir: str | os.PathLike[str], *, check_images: bool = True
 ) -> list[Nlvr2Example]:
-    """Read an NLVR2 statement file (JSON Lines; a JSON list is accepted too) and locate each pair's images.
-
-    The pair of ``identifier`` ``"{set}-{pair}-{image set}-{sentence}"`` is
-    ``image_dir/[directory/]{set}-{pair}-{image set}-img0.png`` and ``-img1.png``, as the original index builder
-    reads them. A missing ``label`` gives unlabelled examples (prediction only). Errors name the file and line;
-    missing images are listed up front.
+    """Read an NLVR2 statement file (JSON Lines; a JSON list is accepted too) and locate each pair's images (see the
+    module docstring). A missing ``label`` gives unlabelled examples (prediction only). Errors name the file and
+    line; missing images are listed up front.
 
     Example:
         >>> import json, tempfile, pathlib
@@ -96,15 +93,8 @@ def load_nlvr2(
             raise ValueError(f"{where} ({identifier}): no 'sentence' text")
         folder = image_dir / str(item["directory"]) if "directory" in item else image_dir
         stem = folder / "-".join(identifier.split("-")[:-1])
-        examples.append(
-            Nlvr2Example(
-                identifier,
-                sentence.strip(),
-                _label(item.get("label"), f"{where} ({identifier})"),
-                f"{stem}-img0.png",
-                f"{stem}-img1.png",
-            )
-        )
+        label = _label(item.get("label"), f"{where} ({identifier})")
+        examples.append(Nlvr2Example(identifier, sentence.strip(), label, f"{stem}-img0.png", f"{stem}-img1.png"))
     if not examples:
         raise ValueError(f"{path}: no statements")
     if check_images:

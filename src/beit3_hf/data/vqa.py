@@ -8,14 +8,10 @@ The layout of the original BEiT-3 recipe (``get_started_for_vqav2.md``)::
     DATA_DIR/vqa/v2_OpenEnded_mscoco_{train2014,val2014,test2015,test-dev2015}_questions.json
     DATA_DIR/vqa/v2_mscoco_{train2014,val2014}_annotations.json
 
-- :func:`load_vqa_split`: one split's questions (and annotations when the split has them) as :class:`VqaQuestion`
-  records with their image paths; errors name the file and the entry.
-- :func:`answer_vocabulary` / :func:`read_answer_list`: the answer list (built from the majority answers, as the
-  original, or read from the original's ``answer2label.txt`` or a plain list).
-- :func:`with_targets`: attach the soft targets and drop the questions without any (as the original).
-- :func:`hold_out_images`: the original's (ViLT's) validation split: a random set of images of a split whose
-  questions are evaluated on, the rest trained on.
-- :func:`vqa_dataset`: the records as a ``datasets.Dataset`` for a ``Trainer`` pipeline.
+:func:`load_vqa_split` reads a split as :class:`VqaQuestion` records, :func:`answer_vocabulary` /
+:func:`read_answer_list` give the answer list, :func:`with_targets` attaches the soft targets,
+:func:`hold_out_images` makes the original's (ViLT's) validation split and :func:`vqa_dataset` turns the records into
+a ``datasets.Dataset`` for a ``Trainer`` pipeline.
 
 Library code (never shipped in a checkpoint folder).
 """
@@ -101,8 +97,6 @@ def vqa_split_files(data_dir: str | os.PathLike[str], split: str, annotation_dir
 
 def _entries(path: Path, key: str) -> list[dict]:
     """The ``key`` list (``questions`` or ``annotations``) of a VQAv2 JSON file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file ({key})")
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise ValueError(f"{path}: expected an object with a {key!r} list (the VQAv2 format)")
@@ -146,7 +140,7 @@ def load_vqa_split(
     questions_file = Path(questions_file)
     image_dir = Path(image_dir)
     prefix = f"COCO_{image_dir.name}_" if image_prefix is None else image_prefix
-    annotations: dict[int, dict] | None = None
+    annotations: dict[int, tuple[tuple[str, ...], str]] | None = None  # question_id -> (answers, majority answer)
     if annotations_file is not None:
         annotations_file = Path(annotations_file)
         annotations = {}
@@ -162,7 +156,7 @@ def load_vqa_split(
                 raise ValueError(f"{where} (question {question_id}) has no 'multiple_choice_answer' string")
             if question_id in annotations:
                 raise ValueError(f"{where}: question {question_id} is annotated twice")
-            annotations[question_id] = entry
+            annotations[question_id] = (tuple(a["answer"] for a in answers), entry["multiple_choice_answer"])
 
     records: list[VqaQuestion] = []
     seen: set[int] = set()
@@ -176,14 +170,11 @@ def load_vqa_split(
         if question_id in seen:
             raise ValueError(f"{where}: question_id {question_id} appears twice")
         seen.add(question_id)
-        record = VqaQuestion(question_id, image_id, str(image_dir / f"{prefix}{image_id:012d}.jpg"), question.strip())
-        if annotations is not None:
-            annotation = annotations.get(question_id)
-            if annotation is None:
-                raise ValueError(f"{where}: question {question_id} has no annotation in {annotations_file}")
-            answers = tuple(a["answer"] for a in annotation["answers"])
-            record = replace(record, answers=answers, majority_answer=annotation["multiple_choice_answer"])
-        records.append(record)
+        annotation = () if annotations is None else annotations.get(question_id)
+        if annotation is None:
+            raise ValueError(f"{where}: question {question_id} has no annotation in {annotations_file}")
+        image_path = str(image_dir / f"{prefix}{image_id:012d}.jpg")
+        records.append(VqaQuestion(question_id, image_id, image_path, question.strip(), *annotation))
     if not records:
         raise ValueError(f"{questions_file}: no questions")
     if annotations is not None and len(annotations) != len(records):
@@ -211,9 +202,7 @@ def read_answer_list(path: str | os.PathLike[str]) -> list[str]:
         ['yes', 'no']
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such answer list")
-    text = read_text(path)
+    text = read_text(path)  # a missing file: FileNotFoundError naming it
     if text.lstrip().startswith("["):
         answers = read_json(path, text)
         if not all(isinstance(a, str) for a in answers):
@@ -248,14 +237,10 @@ def with_targets(questions: Iterable[VqaQuestion], answers: Sequence[str]) -> tu
         ((1, 0), (1.0, 0.3), 0)
     """
     answer_to_label = {answer: label for label, answer in enumerate(answers)}
-    kept, dropped = [], 0
-    for question in questions:
-        targets = soft_scores(question.answers, answer_to_label)
-        if not targets:
-            dropped += 1
-            continue
-        kept.append(replace(question, labels=tuple(targets), scores=tuple(targets.values())))
-    return kept, dropped
+    questions = list(questions)
+    targets = [soft_scores(question.answers, answer_to_label) for question in questions]
+    kept = [replace(q, labels=tuple(t), scores=tuple(t.values())) for q, t in zip(questions, targets) if t]
+    return kept, len(questions) - len(kept)
 
 
 def hold_out_images(

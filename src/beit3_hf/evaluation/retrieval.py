@@ -58,21 +58,30 @@ def _check_inputs(num_images: int, num_texts: int, text_to_image: torch.Tensor) 
     return text_to_image
 
 
-def _check_finite(scores: torch.Tensor) -> None:
+def _check_finite(scores: torch.Tensor) -> torch.Tensor:
     if torch.isnan(scores).any():
         raise ValueError("similarity contains NaN")
+    return scores
 
 
-def _text_ranks_for_rows(scores: torch.Tensor, rows: torch.Tensor, text_to_image: torch.Tensor) -> torch.Tensor:
-    """Rank of the best correct caption for each image of a row block; ``-1`` for images with no caption."""
-    correct = text_to_image.unsqueeze(0) == rows.unsqueeze(1)  # (rows, texts)
-    best = torch.where(correct, scores, torch.full_like(scores, float("-inf"))).amax(dim=1)
-    ranks = ((scores >= best.unsqueeze(1)) & ~correct).sum(dim=1)
-    return torch.where(correct.any(dim=1), ranks, torch.full_like(ranks, -1))
+def _ranks(scores: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+    """Per query row of ``scores``, the number of wrong candidates (``~correct``) scoring >= its best correct one;
+    ``-1`` for a query with no correct candidate."""
+    best = scores.masked_fill(~correct, float("-inf")).amax(dim=1, keepdim=True)
+    ranks = ((scores >= best) & ~correct).sum(dim=1)
+    return ranks.masked_fill(~correct.any(dim=1), -1)
 
 
-def _image_ranks_for_columns(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Rank of the correct image for each text of a column block (``targets[j]`` = correct row of column j)."""
+def _text_ranks(scores: torch.Tensor, rows: torch.Tensor, text_to_image: torch.Tensor) -> torch.Tensor:
+    """Rank of the best correct caption for each image of a row block (``rows`` = their image indices)."""
+    return _ranks(scores, text_to_image.unsqueeze(0) == rows.unsqueeze(1))
+
+
+def _image_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Rank of the correct image for each text of a column block (``targets[j]`` = correct row of column j).
+
+    Each text has exactly one correct image, so its score is gathered: one bool matrix, no masked float copy.
+    """
     columns = torch.arange(scores.shape[1], device=scores.device)
     positive = scores[targets, columns]
     beats = scores >= positive.unsqueeze(0)
@@ -99,9 +108,7 @@ def retrieval_ranks(similarity: torch.Tensor, text_to_image: torch.Tensor) -> tu
     text_to_image = _check_inputs(num_images, num_texts, text_to_image).to(similarity.device)
     _check_finite(similarity)
     rows = torch.arange(num_images, device=similarity.device)
-    text_ranks = _text_ranks_for_rows(similarity, rows, text_to_image)
-    image_ranks = _image_ranks_for_columns(similarity, text_to_image)
-    return text_ranks.cpu(), image_ranks.cpu()
+    return _text_ranks(similarity, rows, text_to_image).cpu(), _image_ranks(similarity, text_to_image).cpu()
 
 
 def recall_from_ranks(
@@ -125,11 +132,11 @@ def recall_from_ranks(
         raise ValueError("no image has a caption: TR is undefined")
     if image_ranks.numel() == 0:
         raise ValueError("no texts: IR is undefined")
-    result: dict[str, float] = {}
-    for k in ks:
-        result[f"tr_r{k}"] = (text_ranks < k).double().mean().item()
-    for k in ks:
-        result[f"ir_r{k}"] = (image_ranks < k).double().mean().item()
+    result = {
+        f"{name}_r{k}": (ranks < k).double().mean().item()
+        for name, ranks in (("tr", text_ranks), ("ir", image_ranks))
+        for k in ks
+    }
     result["r_mean"] = sum(result.values()) / len(result)
     return result
 
@@ -189,19 +196,16 @@ def retrieval_ranks_from_embeddings(
     num_images, num_texts = image_embeds.shape[0], text_embeds.shape[0]
     text_to_image = _check_inputs(num_images, num_texts, text_to_image).to(image_embeds.device)
 
-    text_ranks = torch.empty(num_images, dtype=torch.long, device=image_embeds.device)
-    for start in range(0, num_images, chunk_size):
-        rows = torch.arange(start, min(start + chunk_size, num_images), device=image_embeds.device)
-        scores = image_embeds[rows] @ text_embeds.T
-        _check_finite(scores)
-        text_ranks[rows] = _text_ranks_for_rows(scores, rows, text_to_image)
-    image_ranks = torch.empty(num_texts, dtype=torch.long, device=image_embeds.device)
-    for start in range(0, num_texts, chunk_size):
-        stop = min(start + chunk_size, num_texts)
-        scores = image_embeds @ text_embeds[start:stop].T
-        _check_finite(scores)
-        image_ranks[start:stop] = _image_ranks_for_columns(scores, text_to_image[start:stop])
-    return text_ranks.cpu(), image_ranks.cpu()
+    rows = torch.arange(num_images, device=image_embeds.device).split(chunk_size)
+    text_ranks = [
+        _text_ranks(_check_finite(block @ text_embeds.T), block_rows, text_to_image)
+        for block, block_rows in zip(image_embeds.split(chunk_size), rows)
+    ]
+    image_ranks = [
+        _image_ranks(_check_finite(image_embeds @ block.T), targets)
+        for block, targets in zip(text_embeds.split(chunk_size), text_to_image.split(chunk_size))
+    ]
+    return torch.cat(text_ranks).cpu(), torch.cat(image_ranks).cpu()
 
 
 def retrieval_recall_from_embeddings(

@@ -1,15 +1,8 @@
 """VQAv2 answers, soft targets and the VQA score, as the original BEiT-3 fine-tuning defines them.
 
-- :func:`normalize_answer`: the answer normalisation the original applies to ``multiple_choice_answer`` when it
-  builds the answer vocabulary (unilm ``beit3/glossary.py``, itself the VQA evaluation script's punctuation, digit,
-  article and contraction rules).
-- :func:`build_answer_vocabulary`: normalised majority answers seen at least ``min_count`` times (9 in the
-  original), in order of first appearance.
-- :func:`answer_score` / :func:`soft_scores`: the soft target of an answer given by ``count`` of the 10 annotators:
-  0, 0.3, 0.6, 0.9 for 0 to 3, then 1.0 (``VQAv2Dataset.get_score``). Annotator answers are counted as written
-  and only those in the vocabulary become targets, as in the original index builder.
-- :func:`vqa_score`: the original ``utils.VQAScore``: the target score of the arg-max answer, averaged over the
-  questions (a fraction here; the original prints it times 100).
+:func:`normalize_answer` is unilm ``beit3/glossary.py``'s ``normalize_word`` (the VQA evaluation script's
+punctuation, digit, article and contraction rules), :func:`build_answer_vocabulary` and :func:`soft_scores` follow
+``VQAv2Dataset``'s index builder and ``get_score``, :func:`vqa_score` is ``utils.VQAScore``.
 
 Library code (never shipped in a checkpoint folder).
 """
@@ -63,8 +56,7 @@ _NUMBERS = {
     for value, word in enumerate(
         ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
     )
-}
-_NUMBERS["none"] = "0"
+} | {"none": "0"}
 _ARTICLES = frozenset({"a", "an", "the"})
 # The VQA evaluation's punctuation marks, in its order.
 _PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'

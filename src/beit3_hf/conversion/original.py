@@ -60,23 +60,18 @@ def encoder_config(config: Beit3Config) -> Any:
 
 
 class _OriginalBackbone(nn.Module):
-    """The original backbone alone, under the `beit3.` prefix its checkpoints use."""
+    """The original backbone under the `beit3.` prefix its checkpoints use; given `visual_vocab_size`, with the two
+    linear heads of the released pretrained checkpoints (`mlm_head`, `mim_head`, read from their state dicts: unilm
+    released no pretraining code)."""
 
-    def __init__(self, args: Any) -> None:
+    def __init__(self, args: Any, visual_vocab_size: int | None = None) -> None:
         super().__init__()
         from torchscale.model.BEiT3 import BEiT3
 
         self.beit3 = BEiT3(args)
-
-
-class _OriginalPretraining(_OriginalBackbone):
-    """The original backbone with the two linear heads of the released pretrained checkpoints (`mlm_head`,
-    `mim_head`, read from their state dicts: unilm released no pretraining code)."""
-
-    def __init__(self, args: Any, visual_vocab_size: int) -> None:
-        super().__init__(args)
-        self.mlm_head = nn.Linear(args.encoder_embed_dim, args.vocab_size)
-        self.mim_head = nn.Linear(args.encoder_embed_dim, visual_vocab_size)
+        if visual_vocab_size is not None:
+            self.mlm_head = nn.Linear(args.encoder_embed_dim, args.vocab_size)
+            self.mim_head = nn.Linear(args.encoder_embed_dim, visual_vocab_size)
 
 
 def build_original_model(task: str, config: Beit3Config) -> nn.Module:
@@ -84,10 +79,8 @@ def build_original_model(task: str, config: Beit3Config) -> nn.Module:
     spec = get_task(task)
     modeling_finetune, _ = import_original()
     args = encoder_config(config)
-    if task == "pretraining":
-        return _OriginalPretraining(args, config.visual_vocab_size).eval()
-    if spec.original_class is None:
-        return _OriginalBackbone(args).eval()
+    if spec.original_class is None:  # backbone, pretraining
+        return _OriginalBackbone(args, config.visual_vocab_size if task == "pretraining" else None).eval()
     model_class = getattr(modeling_finetune, spec.original_class)
     model = model_class(args, num_classes=config.num_labels) if spec.num_labels_key else model_class(args)
     return model.eval()
@@ -105,17 +98,17 @@ def run_original(
     """Run an original model with our input conventions; returns the outputs named as our models name them."""
     # ours: 1 = attend; original: 1 = pad
     padding_mask = None if attention_mask is None else (1 - attention_mask).long()
-    if task == "backbone":
-        out = model.beit3(textual_tokens=input_ids, visual_tokens=pixel_values, text_padding_position=padding_mask)
-        return {"last_hidden_state": out["encoder_out"]}
-    if task == "pretraining":  # torchscale's masked-image input plus the heads, as BEiT-3 pretraining used them
-        out = model.beit3(
+    if padding_mask is None and task in ("nlvr2", "captioning"):  # these two originals need a mask
+        padding_mask = torch.zeros_like(input_ids)
+    if task in ("backbone", "pretraining"):  # torchscale's masked-image input; the heads as pretraining used them
+        hidden = model.beit3(
             textual_tokens=input_ids,
             visual_tokens=pixel_values,
             text_padding_position=padding_mask,
             vision_masked_position=bool_masked_pos,
-        )
-        hidden = out["encoder_out"]
+        )["encoder_out"]
+        if task == "backbone":
+            return {"last_hidden_state": hidden}
         split = hidden.shape[1] if input_ids is None else hidden.shape[1] - input_ids.shape[1]
         outputs = {}
         if pixel_values is not None:
@@ -133,8 +126,6 @@ def run_original(
     if task == "vqa":
         return {"logits": model(image=pixel_values, question=input_ids, padding_mask=padding_mask)}
     if task == "nlvr2":
-        if padding_mask is None:
-            padding_mask = torch.zeros_like(input_ids)
         logits = model(
             image_a=pixel_values[:, 0],
             image_b=pixel_values[:, 1],
@@ -143,8 +134,6 @@ def run_original(
         )
         return {"logits": logits}
     if task == "captioning":  # the training forward: causal text over the image, logits of every text position
-        if padding_mask is None:
-            padding_mask = torch.zeros_like(input_ids)
         logits, _ = model(image=pixel_values, text_ids=input_ids, padding_mask=padding_mask, language_masked_pos=None)
         return {"logits": logits}
     raise ValueError(f"The oracle adapter does not run task {task!r}.")
@@ -193,7 +182,6 @@ def original_beam_search(
     mask_token_id: int,
 ) -> torch.Tensor:
     """Run the original `CaptioningHandler.eval_batch` and return the (batch, max_length) ids it decodes."""
-
     captured = {}
 
     def batch_decode(ids: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:

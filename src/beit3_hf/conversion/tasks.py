@@ -62,18 +62,8 @@ class KeyRule:
 BACKBONE_RULES: tuple[KeyRule, ...] = (
     KeyRule(r"beit3\.text_embed\.weight", "beit3.text_embeddings.token_embedding.weight"),
     KeyRule(r"beit3\.vision_embed\.proj\.(weight|bias)", "beit3.vision_embeddings.patch_embedding.{g1}"),
-    KeyRule(r"beit3\.vision_embed\.cls_token", "beit3.vision_embeddings.cls_token"),
-    KeyRule(r"beit3\.vision_embed\.mask_token", "beit3.vision_embeddings.mask_token"),
-    KeyRule(
-        r"beit3\.encoder\.embed_positions\.A\.weight",
-        "beit3.vision_embeddings.position_embedding.weight",
-        _drop_fairseq_rows,
-    ),
-    KeyRule(
-        r"beit3\.encoder\.embed_positions\.B\.weight",
-        "beit3.text_embeddings.position_embedding.weight",
-        _drop_fairseq_rows,
-    ),
+    KeyRule(r"beit3\.vision_embed\.(cls_token|mask_token)", "beit3.vision_embeddings.{g1}"),
+    KeyRule(r"beit3\.encoder\.embed_positions\.(A|B)\.weight", "beit3.{g1}_embeddings.position_embedding.weight", _drop_fairseq_rows),
     KeyRule(LAYER_PATTERN + r"self_attn\.(q|k|v|out)_proj\.(A|B)\.(weight|bias)", "beit3.encoder.layers.{g1}.self_attn.{g2}_proj.{g3}.{g4}"),
     KeyRule(LAYER_PATTERN + r"self_attn\.inner_attn_ln\.(A|B)\.(weight|bias)", "beit3.encoder.layers.{g1}.self_attn.sub_layernorm.{g2}.{g3}"),
     KeyRule(LAYER_PATTERN + r"self_attn_layer_norm\.(A|B)\.(weight|bias)", "beit3.encoder.layers.{g1}.layernorm_before.{g2}.{g3}"),

@@ -21,11 +21,12 @@ Why not transformers' own route (copy ``beit3.spm`` to ``dir/sentencepiece.bpe.m
 * BPE: 15/21 stock, 16/21 with NFKC: the class always builds a unigram model, so BPE vocabularies segment wrongly;
 * this module: 21/21 for both, with no protobuf or sentencepiece import.
 
-Known limit: ``tokenizers``' ``Precompiled`` normalizer matches sentencepiece's character map rule by rule only
-for composed text (huggingface/tokenizers#2116, #2334). NFKC is applied first, which makes decomposed accents,
-half-width kana and compatibility characters come out as sentencepiece normalizes them; a combining mark stacked on
-a character that the map rewrites (U+0301 after the ligature U+FB01, U+00A0 or U+2581) or non-canonically ordered
-marks can still normalize differently; such sequences are rare in captions and questions.
+Known limit: ``tokenizers``' ``Precompiled`` normalizer matches the shortest rule of a grapheme and drops the rest
+(sentencepiece: the longest), so it agrees with sentencepiece's character map only for composed text
+(huggingface/tokenizers#2116, #2334). NFKC is applied first, which makes decomposed accents, half-width kana and
+compatibility characters come out as sentencepiece normalizes them; a combining mark stacked on a character that the
+map rewrites (U+0301 after the ligature U+FB01, U+00A0 or U+2581) or non-canonically ordered marks can still normalize
+differently; such sequences are rare in captions and questions.
 
 This module is package code; the remote-code files copied into checkpoints (``image_processing_beit3.py``,
 ``processing_beit3.py``) never import it.
@@ -95,31 +96,24 @@ def _fields(buf: bytes) -> list[tuple[int, int | float | bytes]]:
             raise _ProtoError("field number 0")
         if wire == 0:
             value, pos = _varint(buf, pos)
-        elif wire == 1:
-            if pos + 8 > len(buf):
-                raise _ProtoError("truncated 64-bit field")
-            value, pos = buf[pos : pos + 8], pos + 8
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            if pos + length > len(buf):
-                raise _ProtoError("truncated length-delimited field")
-            value, pos = buf[pos : pos + length], pos + length
-        elif wire == 5:
-            if pos + 4 > len(buf):
-                raise _ProtoError("truncated 32-bit field")
-            value, pos = struct.unpack("<f", buf[pos : pos + 4])[0], pos + 4
+        elif wire in (1, 2, 5):  # 64-bit, length-delimited, 32-bit
+            size, pos = _varint(buf, pos) if wire == 2 else (8 if wire == 1 else 4, pos)
+            if pos + size > len(buf):
+                raise _ProtoError(f"truncated field {field}")
+            value, pos = buf[pos : pos + size], pos + size
+            if wire == 5:
+                value = struct.unpack("<f", value)[0]
         else:
             raise _ProtoError(f"unsupported wire type {wire}")
         out.append((field, value))
     return out
 
 
-def _last(fields: list[tuple[int, int | float | bytes]], number: int, default):
-    value = default
-    for field, v in fields:
-        if field == number:
-            value = v
-    return value
+def _message(value: int | float | bytes, what: str) -> dict[int, int | float | bytes]:
+    """Decode a sub-message field; as protobuf does, the last occurrence of a field number wins."""
+    if not isinstance(value, bytes):
+        raise _ProtoError(f"{what} is not a message")
+    return dict(_fields(value))
 
 
 @dataclass(frozen=True)
@@ -140,35 +134,26 @@ def _parse_sentencepiece_model(data: bytes) -> _SentencePieceModel:
     """Parse a serialized ``sentencepiece.ModelProto`` (field numbers from ``sentencepiece_model.proto``)."""
     top = _fields(data)
     pieces = []
-    for field, value in top:
-        if field != 1:
-            continue
-        if not isinstance(value, bytes):
-            raise _ProtoError("piece entry is not a message")
-        piece_fields = _fields(value)
-        piece = _last(piece_fields, 1, b"")
-        score = _last(piece_fields, 2, 0.0)
-        kind = _last(piece_fields, 3, _NORMAL)
+    for piece_fields in (_message(value, "piece entry") for field, value in top if field == 1):
+        piece, score, kind = piece_fields.get(1, b""), piece_fields.get(2, 0.0), piece_fields.get(3, _NORMAL)
         if not isinstance(piece, bytes) or not isinstance(score, float) or not isinstance(kind, int):
             raise _ProtoError("malformed piece entry")
         pieces.append((piece.decode("utf-8"), score, kind))
-    trainer = _last(top, 2, b"")
-    normalizer = _last(top, 3, b"")
-    if not isinstance(trainer, bytes) or not isinstance(normalizer, bytes):
-        raise _ProtoError("trainer or normalizer spec is not a message")
-    trainer_fields, normalizer_fields = _fields(trainer), _fields(normalizer)
-    charsmap = _last(normalizer_fields, 2, b"")
+    top_fields = dict(top)
+    trainer = _message(top_fields.get(2, b""), "trainer spec")
+    normalizer = _message(top_fields.get(3, b""), "normalizer spec")
+    charsmap = normalizer.get(2, b"")
     if not isinstance(charsmap, bytes):
         raise _ProtoError("precompiled_charsmap is not bytes")
     return _SentencePieceModel(
         pieces=pieces,
-        model_type=int(_last(trainer_fields, 3, _UNIGRAM)),
-        byte_fallback=bool(_last(trainer_fields, 35, 0)),
-        treat_whitespace_as_suffix=bool(_last(trainer_fields, 24, 0)),
+        model_type=int(trainer.get(3, _UNIGRAM)),
+        byte_fallback=bool(trainer.get(35, 0)),
+        treat_whitespace_as_suffix=bool(trainer.get(24, 0)),
         precompiled_charsmap=charsmap,
-        add_dummy_prefix=bool(_last(normalizer_fields, 3, 1)),
-        remove_extra_whitespaces=bool(_last(normalizer_fields, 4, 1)),
-        escape_whitespaces=bool(_last(normalizer_fields, 5, 1)),
+        add_dummy_prefix=bool(normalizer.get(3, 1)),
+        remove_extra_whitespaces=bool(normalizer.get(4, 1)),
+        escape_whitespaces=bool(normalizer.get(5, 1)),
     )
 
 
@@ -253,11 +238,7 @@ def _build_backend(model: _SentencePieceModel) -> Tokenizer:
     # sentencepiece normalization: character map (nmt_nfkc for beit3.spm), then drop leading/trailing spaces and
     # squeeze runs of spaces (remove_extra_whitespaces). sentencepiece only counts U+0020 *after* the map as space.
     steps = []
-    if model.precompiled_charsmap:
-        # tokenizers' `Precompiled` matches the shortest rule of a grapheme and drops the rest of it, unlike
-        # sentencepiece's longest match (huggingface/tokenizers#2116, #2334): decomposed or half-width input
-        # ("ｶﾞ", NFD "ế") would lose marks. NFKC first hands it composed text, which the nmt_nfkc map leaves as
-        # sentencepiece would (see the README for the few exotic sequences that still differ).
+    if model.precompiled_charsmap:  # NFKC first: see "Known limit" in the module docstring
         steps += [normalizers.NFKC(), normalizers.Precompiled(model.precompiled_charsmap)]
     if model.remove_extra_whitespaces:
         steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]

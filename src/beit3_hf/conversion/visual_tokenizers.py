@@ -109,12 +109,17 @@ def _reverse_rule(pattern: str, target: str) -> tuple[str, str]:
 _VQKD_REVERSE = tuple(_reverse_rule(pattern, target) for pattern, target in VQKD_KEY_MAP)
 
 
+def _rename(rules: Sequence[tuple[str, str]], key: str) -> str | None:
+    """`key` renamed by the first (regex, template) rule that matches all of it; None when none does."""
+    for pattern, template in rules:
+        if match := re.fullmatch(pattern, key):
+            return match.expand(template)
+    return None
+
+
 def vqkd_original_name(key: str) -> str:
     """`VqkdModel` key -> the original checkpoint key it is converted from."""
-    for regex, template in _VQKD_REVERSE:
-        if re.fullmatch(regex, key):
-            return re.sub(rf"^{regex}$", template, key)
-    return key
+    return _rename(_VQKD_REVERSE, key) or key
 
 
 _VIT_KEY = (
@@ -157,16 +162,12 @@ def map_vqkd_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
     dropped: dict[str, list[str]] = {reason: [] for reason in VQKD_DROPPED_KEYS}
     unknown = []
     for key, value in state_dict.items():
-        for pattern, target in VQKD_KEY_MAP:
-            if re.fullmatch(pattern, key):
-                mapped[re.sub(rf"^{pattern}$", target, key)] = value
-                break
+        if target := _rename(VQKD_KEY_MAP, key):
+            mapped[target] = value
+        elif reason := next((r for r, pattern in VQKD_DROPPED_KEYS.items() if re.fullmatch(pattern, key)), None):
+            dropped[reason].append(key)
         else:
-            reason = next((r for r, pattern in VQKD_DROPPED_KEYS.items() if re.fullmatch(pattern, key)), None)
-            if reason is None:
-                unknown.append(key)
-            else:
-                dropped[reason].append(key)
+            unknown.append(key)
     if unknown:
         raise ConversionError(
             f"Keys that are neither part of the VQ-KD tokenizer nor known decoder / training-only keys: "
@@ -218,8 +219,7 @@ def convert_vqkd(
     """A unilm beit2 VQ-KD checkpoint -> (`VqkdModel` in eval mode, dropped keys by reason)."""
     state_dict = load_vqkd_state_dict(checkpoint)
     mapped, dropped = map_vqkd_keys(state_dict)
-    dropped_keys = {key for keys in dropped.values() for key in keys}
-    check_tensors({key: value for key, value in state_dict.items() if key not in dropped_keys}, {})
+    check_tensors(mapped, {key: vqkd_original_name(key) for key in mapped})
     config = infer_vqkd_config(state_dict, num_attention_heads)
     model = VqkdModel(config)
     _load_into(model, mapped, "VQ-KD", vqkd_original_name)
@@ -237,14 +237,12 @@ _DALL_E_PARAM = {"w": "weight", "b": "bias"}
 def _dall_e_target(key: str) -> str | None:
     """Original `Encoder.state_dict()` key -> `DallEEncoderModel` key (None when the key is not an encoder key)."""
     if m := re.fullmatch(r"blocks\.input\.(w|b)", key):
-        return f"input_conv.{_DALL_E_PARAM[m.group(1)]}"
+        return f"input_conv.{_DALL_E_PARAM[m[1]]}"
     if m := re.fullmatch(r"blocks\.output\.conv\.(w|b)", key):
-        return f"output_conv.{_DALL_E_PARAM[m.group(1)]}"
-    if m := re.fullmatch(r"blocks\.group_(\d+)\.block_(\d+)\.(id_path|res_path\.conv_[1-4])\.(w|b)", key):
-        group, block, path, param = m.groups()
-        if int(group) < 1 or int(block) < 1:
-            return None
-        return f"groups.{int(group) - 1}.blocks.{int(block) - 1}.{path}.{_DALL_E_PARAM[param]}"
+        return f"output_conv.{_DALL_E_PARAM[m[1]]}"
+    m = re.fullmatch(r"blocks\.group_(\d+)\.block_(\d+)\.(id_path|res_path\.conv_[1-4])\.(w|b)", key)
+    if m and int(m[1]) >= 1 and int(m[2]) >= 1:
+        return f"groups.{int(m[1]) - 1}.blocks.{int(m[2]) - 1}.{m[3]}.{_DALL_E_PARAM[m[4]]}"
     return None
 
 
@@ -254,8 +252,7 @@ def dall_e_original_name(key: str) -> str:
     if m := re.fullmatch(r"(input|output)_conv\.(weight|bias)", key):
         return f"blocks.{'input' if m.group(1) == 'input' else 'output.conv'}.{param[m.group(2)]}"
     if m := re.fullmatch(r"groups\.(\d+)\.blocks\.(\d+)\.(.+)\.(weight|bias)", key):
-        group, block, path, name = m.groups()
-        return f"blocks.group_{int(group) + 1}.block_{int(block) + 1}.{path}.{param[name]}"
+        return f"blocks.group_{int(m[1]) + 1}.block_{int(m[2]) + 1}.{m[3]}.{param[m[4]]}"
     return key
 
 
@@ -358,15 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    converters: dict[str, Callable[[], tuple[torch.nn.Module, dict[str, list[str]]]]] = {
-        "vqkd": lambda: convert_vqkd(args.checkpoint, args.num_attention_heads, dtype),
-        "dall-e": lambda: (convert_dall_e(args.checkpoint, dtype), {}),
-    }
     try:
         if args.kind != "vqkd" and args.num_attention_heads is not None:
             raise ConversionError("--num-attention-heads applies to --kind vqkd only.")
         with staged_output(args.output, args.overwrite) as staging:  # checked before the (large) checkpoint is read
-            model, dropped = converters[args.kind]()
+            if args.kind == "vqkd":
+                model, dropped = convert_vqkd(args.checkpoint, args.num_attention_heads, dtype)
+            else:
+                model, dropped = convert_dall_e(args.checkpoint, dtype), {}
             for reason, keys in dropped.items():
                 print(f"Dropped {len(keys)} keys, {reason}: {abbreviate(keys, limit=4)}")
             register_vqkd()

@@ -13,11 +13,21 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from beit3_hf import Beit3Config, Beit3ForImageTextRetrieval, Beit3ForPreTraining
-from beit3_hf.data.mixture import PretrainingCollator, load_caption_texts, load_pairs
-from beit3_hf.data.pretraining import DecodeFailures
+from beit3_hf.conversion.tokenizer import load_sentencepiece_tokenizer
+from beit3_hf.data.loaders import list_image_files
+from beit3_hf.data.mixture import PretrainingCollator, PretrainingMixture, load_caption_texts, load_pairs
+from beit3_hf.data.pretraining import DecodeFailures, TwoViewTransform
 from beit3_hf.testing.synthetic_data import train_text_tokenizer, write_synthetic_dataset
 from beit3_hf.training import lora
-from beit3_hf.training.objectives import OBJECTIVES, ObjectiveSchedule, mask_tokens, parse_objectives, word_starts
+from beit3_hf.training.masking import BlockMaskingGenerator
+from beit3_hf.training.objectives import (
+    OBJECTIVES,
+    ObjectiveSchedule,
+    batch_objective,
+    mask_tokens,
+    parse_objectives,
+    word_starts,
+)
 
 from oracle_utils import load_example_script, run_example, run_fresh_python
 
@@ -127,6 +137,24 @@ def test_loaders_skip_empty_captions_and_read_both_pair_formats(data):
         load_pairs(data["karpathy"])
     with pytest.raises(ValueError, match="must not straddle"):
         PretrainingCollator()([{"objective": 0}, {"objective": 3}])
+
+
+def test_batch_objective_names_the_objective_of_every_mixture_batch(data):
+    # PretrainingTrainer dispatches on batch_objective (the batch keys), never reading the `objective` tensor.
+    tokenizer = load_sentencepiece_tokenizer(data["spm"], max_length=24)
+    pair = TwoViewTransform(32, patch_size=16, mask_generator=None, color_jitter=None)
+    mim = TwoViewTransform(32, patch_size=16, mask_generator=BlockMaskingGenerator.for_grid(2, 0.5), color_jitter=None)
+    mixture = PretrainingMixture(
+        ObjectiveSchedule(dict.fromkeys(OBJECTIVES, 1.0)), batch_size=2, tokenizer=tokenizer, max_length=24,
+        pair_transform=pair, mim_transform=mim, images=list_image_files(data["images"]),
+        pairs=load_pairs(data["pairs"], data["root"]),
+    )  # fmt: skip
+    stream, seen = iter(mixture), set()
+    for _ in range(steps_covering_every_objective()):
+        batch = PretrainingCollator()([next(stream), next(stream)])
+        assert batch_objective(batch) == OBJECTIVES[int(batch["objective"][0])]
+        seen.add(batch_objective(batch))
+    assert seen == set(OBJECTIVES)
 
 
 def base_args(data, output_dir: Path, *extra: str) -> list[str]:

@@ -38,6 +38,7 @@ __all__ = [
     "TOKENIZER_VIEWS",
     "ObjectiveSchedule",
     "PretrainingTrainer",
+    "batch_objective",
     "load_visual_tokenizer",
     "mask_tokens",
     "mim_targets",
@@ -52,6 +53,21 @@ logger = logging.getLogger(__name__)
 
 #: The objectives, in the order of their ids in a batch's ``objective`` tensor.
 OBJECTIVES: tuple[str, ...] = ("text_mlm", "pair_mlm", "image_mim", "itc")
+
+
+def batch_objective(batch: Mapping[str, Any]) -> str:
+    """The objective of a `PretrainingCollator` batch, told by its keys, which differ for each objective: no read of
+    its ``objective`` tensor, which is on the GPU once the batch is (a read would stall the host every step).
+
+    Example:
+        >>> batch_objective({"input_ids": 0, "attention_mask": 0, "mlm_labels": 0})
+        'text_mlm'
+    """
+    if "bool_masked_pos" in batch:
+        return "image_mim"
+    if "mlm_labels" not in batch:
+        return "itc"
+    return "pair_mlm" if "pixel_values" in batch else "text_mlm"
 
 
 def parse_objectives(spec: str) -> dict[str, float]:
@@ -284,8 +300,8 @@ class PretrainingTrainer(Beit3Trainer):
     # ---- the step --------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        objective_ids = inputs.pop("objective")
-        objective = OBJECTIVES[int(objective_ids[0])]
+        inputs.pop("objective")  # a device tensor by now: reading it would stall the host on every step
+        objective = batch_objective(inputs)
         config = self.accelerator.unwrap_model(model).config
         if objective == "itc":
             outputs = model(
@@ -298,7 +314,8 @@ class PretrainingTrainer(Beit3Trainer):
                 outputs.image_embeds, outputs.text_embeds, outputs.logit_scale
             )  # as global_contrastive_loss, whose gathered texts also give the accuracy
             loss = (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
-            correct, count = (logits_per_image.argmax(-1) == targets).sum(), torch.tensor(len(targets))
+            correct = (logits_per_image.argmax(-1) == targets).sum()
+            count = torch.full((), len(targets), device=targets.device)  # made on the device: no host copy
         elif objective == "image_mim":
             labels = mim_targets(self.visual_tokenizer, inputs, config.patch_size)
             masked = inputs["bool_masked_pos"]
@@ -307,7 +324,7 @@ class PretrainingTrainer(Beit3Trainer):
             loss = self._global_share(outputs.mim_loss, count)
             correct = torch.zeros_like(count)  # pixel targets (floating point) have no accuracy
             if not labels.is_floating_point():
-                correct = (outputs.mim_logits.argmax(-1) == labels)[masked].sum()
+                correct = ((outputs.mim_logits.argmax(-1) == labels) & masked).sum()  # a mask, not an index: no sync
         else:  # text_mlm, pair_mlm
             labels = inputs["mlm_labels"]
             outputs = model(
@@ -319,11 +336,11 @@ class PretrainingTrainer(Beit3Trainer):
             valid = labels != -100
             count = valid.sum()
             loss = self._global_share(outputs.mlm_loss, count)
-            correct = (outputs.mlm_logits.argmax(-1) == labels)[valid].sum()  # argmax: no autograd graph
+            correct = ((outputs.mlm_logits.argmax(-1) == labels) & valid).sum()  # a mask, not an index: no sync
         self._record(OBJECTIVES.index(objective), loss, correct, count)
         if self.reg_loss_weight:
             reg = self_regularization_loss(model)
-            self._record(-1, reg, torch.zeros(()), torch.zeros(()))
+            self._record(-1, reg, torch.zeros((), device=reg.device), torch.zeros((), device=reg.device))
             loss = loss + self.reg_loss_weight * reg
         return (loss, outputs) if return_outputs else loss
 

@@ -25,6 +25,7 @@ from beit3_hf.testing.synthetic_data import (
     nlvr2_statement,
     parse_caption,
     render_scene,
+    train_text_tokenizer,
     write_synthetic_dataset,
     write_synthetic_nlvr2,
     write_synthetic_vqa,
@@ -422,3 +423,10 @@ def test_cli_writes_the_vqa_and_nlvr2_layouts(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["annotation_dir"] == str(tmp_path / "vqa" / "vqa")
     assert main(["--task", "nlvr2", "--output", str(tmp_path / "nlvr2"), *common, "--quiet"]) == 0
     assert (tmp_path / "nlvr2" / "nlvr2" / "data" / "dev.json").is_file()
+
+
+def test_text_tokenizer_bytes_do_not_depend_on_where_it_is_written(tmp_path):
+    texts = [c for sample in generate_synthetic_samples(num_train=12, num_val=5, num_test=8) for c in sample.captions]
+    first = train_text_tokenizer(texts, tmp_path / "a" / "spm.model").read_bytes()
+    assert train_text_tokenizer(texts, tmp_path / "elsewhere" / "other.model").read_bytes() == first
+    assert str(tmp_path).encode() not in first  # the file-based trainer recorded its corpus and output paths

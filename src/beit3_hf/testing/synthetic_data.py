@@ -991,20 +991,18 @@ def write_synthetic_nlvr2(
 def train_text_tokenizer(texts: Sequence[str], path: str | os.PathLike[str], vocab_size: int = 120) -> Path:
     """Train a BPE sentencepiece model (the kind of model ``beit3.spm`` is) on ``texts`` and write it to ``path``,
     for ``--sentencepiece_model`` of the example scripts trained from scratch on the synthetic data. Needs the
-    ``sentencepiece`` package (the ``train`` extra)."""
+    ``sentencepiece`` package (the ``train`` extra). Trained from memory, the model records no corpus or output
+    path: its bytes depend on ``texts`` and ``vocab_size`` only."""
     import sentencepiece
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    corpus = path.with_suffix(".txt")
-    corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(path.with_suffix("")), model_type="bpe", vocab_size=vocab_size,
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
         character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
     )  # fmt: skip
-    corpus.unlink()
-    path.with_suffix(".vocab").unlink()
-    path.with_suffix(".model").replace(path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.getvalue())
     return path
 
 

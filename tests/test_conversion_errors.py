@@ -91,6 +91,31 @@ def test_non_empty_output_needs_overwrite_which_removes_stale_files(tmp_path, ca
     assert not list(tmp_path.glob(".out.partial-*")), "the staging folder must not be left behind"
 
 
+def test_overwrite_never_replaces_the_current_folder(tmp_path, capsys, weights, monkeypatch):
+    checkpoint = original_checkpoint(weights, tmp_path / "ckpt.pth")
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work / "sub")
+    for output in (".", ".."):
+        status, output_text = run(capsys, "--checkpoint", str(checkpoint), "--task", "backbone", "--output", output,
+                                  "--overwrite")  # fmt: skip
+        assert status == 2 and "holds the current or the home folder" in output_text
+    assert (work / "notes.txt").read_text() == "mine" and (work / "sub").is_dir()
+    assert not list(tmp_path.rglob(".*.partial-*"))
+
+
+def test_converted_folder_has_the_usual_permissions(tmp_path, capsys, weights):
+    checkpoint = original_checkpoint(weights, tmp_path / "ckpt.pth")
+    status, output = run(
+        capsys, "--checkpoint", str(checkpoint), "--task", "backbone", "--output", str(tmp_path / "o")
+    )
+    assert status == 0, output
+    made = tmp_path / "made"
+    made.mkdir()  # what the umask gives a new folder (a private staging folder would be 0o700)
+    assert (tmp_path / "o").stat().st_mode & 0o777 == made.stat().st_mode & 0o777
+
+
 def test_failed_conversion_leaves_the_existing_output_untouched(tmp_path, capsys, weights):
     out = tmp_path / "out"
     out.mkdir()

@@ -15,9 +15,9 @@ import contextlib
 import copy
 import math
 import re
+import secrets
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -311,7 +311,8 @@ def staged_output(output: str | Path, overwrite: bool) -> Iterator[Path]:
     only once the block completes.
 
     An unwritable location fails at once; `overwrite` replaces the whole folder (no stale processor or tokenizer file
-    of an earlier conversion survives); a failed conversion leaves `output` as it was and no half-written folder.
+    of an earlier conversion survives; a folder holding the current or the home folder is refused); a failed
+    conversion leaves `output` as it was and no half-written folder.
     """
     output = Path(output)
     if output.exists() and not output.is_dir():
@@ -321,16 +322,28 @@ def staged_output(output: str | Path, overwrite: bool) -> Iterator[Path]:
             f"--output {output} is not empty; pass --overwrite to replace its contents (every file in it is removed, "
             "so no stale processor or tokenizer file of an earlier conversion survives)."
         )
+    resolved = output.resolve()
+    if output.is_dir() and any(resolved == kept or resolved in kept.parents for kept in (Path.cwd(), Path.home())):
+        raise ConversionError(f"--output {output} holds the current or the home folder, which is never replaced.")
+    # Named beside `output` (made by mkdir, so with the usual permissions), so that the final move is a rename.
+    staging = resolved.parent / f".{resolved.name}.partial-{secrets.token_hex(4)}"
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+        staging.mkdir(parents=True)
     except OSError as error:
         raise ConversionError(f"--output {output} cannot be written: {error}") from error
     try:
         yield staging
-        if output.is_dir():
-            shutil.rmtree(output)
-        staging.rename(output)
+        previous = staging.with_name(f"{staging.name}-previous") if output.is_dir() else None
+        try:
+            if previous is not None:
+                output.rename(previous)
+            staging.rename(output)
+        except OSError as error:
+            if previous is not None and previous.is_dir() and not output.exists():
+                previous.rename(output)  # the earlier folder back in place
+            raise ConversionError(f"--output {output} could not be replaced: {error}") from error
+        if previous is not None:
+            shutil.rmtree(previous)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -198,7 +198,7 @@ BLEU_EXPECTED = [0.7379692281974892, 0.7051540139210503, 0.6621909736472213, 0.6
 
 
 def test_cider_and_bleu_on_fixed_captions():
-    # Values of pycocoevalcap 1.2's Cider() and Bleu(4) on these captions (checked below when it is installed).
+    # Values of pycocoevalcap 1.2's Cider() and Bleu(4) on these captions: a change of its scores or of our inputs fails.
     score, per_image = cider_d(REFERENCES, CANDIDATES)
     assert score == pytest.approx(CIDER_EXPECTED, abs=1e-9)
     assert len(per_image) == 4 and per_image[0] > per_image[2]
@@ -232,3 +232,10 @@ def test_metrics_name_the_bad_input(references, candidates, message):
     for metric in (cider_d, bleu):
         with pytest.raises(ValueError, match=message):
             metric(references, candidates)
+
+
+def test_metric_edge_cases():
+    assert cider_d({1: [""], 2: [""]}, {1: "a", 2: "b"}) == (0.0, [0.0, 0.0])  # no reference n-gram at all
+    assert bleu(REFERENCES, CANDIDATES, n=2) == pytest.approx(BLEU_EXPECTED[:2], abs=1e-9)
+    with pytest.raises(ValueError, match="n must be 1 to 4, got 5"):
+        bleu(REFERENCES, CANDIDATES, n=5)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -213,13 +214,23 @@ def _scorer_inputs(
     return {key: list(references[key]) for key in candidates}, {key: [text] for key, text in candidates.items()}
 
 
+def _pycocoevalcap_scorer(name: str) -> Any:
+    """pycocoevalcap's ``Cider`` or ``Bleu`` class (pure Python; the package comes with the ``train`` extra)."""
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+    except ImportError as error:
+        raise ImportError("Caption metrics need pycocoevalcap: pip install 'beit3-hf[train]'.") from error
+    return {"Bleu": Bleu, "Cider": Cider}[name]
+
+
 def cider_d(
-    references: Mapping[Hashable, Sequence[str]], candidates: Mapping[Hashable, str], n: int = 4, sigma: float = 6.0
+    references: Mapping[Hashable, Sequence[str]], candidates: Mapping[Hashable, str], sigma: float = 6.0
 ) -> tuple[float, list[float]]:
     """CIDEr-D of tokenised captions, by pycocoevalcap's ``Cider``: (corpus score, per-image scores).
 
     Document frequencies come from the references of the images scored together, so a score depends on the whole
-    set (as in COCO evaluation); n-gram tf-idf vectors for n = 1..n, the candidate's weights clipped to the
+    set (as in COCO evaluation); tf-idf vectors of the 1- to 4-grams, the candidate's weights clipped to the
     reference's, a Gaussian length penalty of width `sigma`, averaged over the references, times 10.
 
     Example:
@@ -227,24 +238,24 @@ def cider_d(
         >>> round(cider_d(refs, {1: "a red circle", 2: "a green box"})[0], 4)
         2.8125
     """
-    from pycocoevalcap.cider.cider import Cider  # pure Python; the package comes with the `train` extra
-
     refs, cands = _scorer_inputs(references, candidates)
-    score, scores = Cider(n=n, sigma=sigma).compute_score(refs, cands)
+    if not any(ref.split() for texts in refs.values() for ref in texts):  # no n-gram at all: pycocoevalcap fails
+        return 0.0, [0.0] * len(cands)
+    score, scores = _pycocoevalcap_scorer("Cider")(sigma=sigma).compute_score(refs, cands)
     return float(score), [float(value) for value in scores]
 
 
 def bleu(references: Mapping[Hashable, Sequence[str]], candidates: Mapping[Hashable, str], n: int = 4) -> list[float]:
-    """Corpus BLEU-1..n of tokenised captions, by pycocoevalcap's ``Bleu`` ("closest" reference length).
+    """Corpus BLEU-1..n (n <= 4) of tokenised captions, by pycocoevalcap's ``Bleu`` ("closest" reference length).
 
     Example:
         >>> [round(b, 4) for b in bleu({1: ["a red circle on grey"]}, {1: "a red circle"})]
         [0.5134, 0.5134, 0.5134, 0.0162]
     """
-    from pycocoevalcap.bleu.bleu import Bleu  # pure Python; the package comes with the `train` extra
-
+    if not 1 <= n <= 4:  # pycocoevalcap counts 1- to 4-grams
+        raise ValueError(f"bleu: n must be 1 to 4, got {n}.")
     refs, cands = _scorer_inputs(references, candidates)
-    return [float(value) for value in Bleu(n).compute_score(refs, cands, verbose=0)[0]]
+    return [float(value) for value in _pycocoevalcap_scorer("Bleu")(n).compute_score(refs, cands, verbose=0)[0]]
 
 
 def caption_metrics(

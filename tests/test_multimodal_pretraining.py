@@ -155,6 +155,8 @@ def test_batch_objective_names_the_objective_of_every_mixture_batch(data):
         assert batch_objective(batch) == OBJECTIVES[int(batch["objective"][0])]
         seen.add(batch_objective(batch))
     assert seen == set(OBJECTIVES)
+    with pytest.raises(ValueError, match="none of the objectives' batches"):  # e.g. a MIM transform without masks
+        batch_objective({"objective": 0, "pixel_values": 0})
 
 
 def base_args(data, output_dir: Path, *extra: str) -> list[str]:

@@ -49,6 +49,7 @@ __all__ = [
     "UndecodableImageError",
     "check_images",
     "check_images_exist",
+    "decode_image",
     "find_undecodable_images",
     "gather_skipped",
     "image_name",
@@ -418,8 +419,9 @@ def decode_image(
 def open_image(value: Any) -> Image.Image:
     """Decode an image fully and convert it to RGB; any failure raises `UndecodableImageError` naming the file.
 
-    `value` is a path, a `datasets.Image(decode=False)` dict (`{"path", "bytes"}`) or a PIL image. Pillow's own
-    errors for truncated files ("image file is truncated") do not name the file; this one does.
+    `value` is a path, a `datasets.Image(decode=False)` dict (`{"path", "bytes"}`) or a PIL image (returned as it
+    is when already RGB, not copied). Pillow's own errors for truncated files ("image file is truncated") do not
+    name the file; this one does: it is :func:`decode_image` with errors that name the file.
 
     Example:
         >>> import tempfile, pathlib

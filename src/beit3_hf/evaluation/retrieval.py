@@ -67,8 +67,9 @@ def _check_finite(scores: torch.Tensor) -> torch.Tensor:
 def _ranks(scores: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
     """Per query row of ``scores``, the number of wrong candidates (``~correct``) scoring >= its best correct one;
     ``-1`` for a query with no correct candidate."""
-    best = scores.masked_fill(~correct, float("-inf")).amax(dim=1, keepdim=True)
-    ranks = ((scores >= best) & ~correct).sum(dim=1)
+    wrong = ~correct
+    best = scores.masked_fill(wrong, float("-inf")).amax(dim=1, keepdim=True)
+    ranks = ((scores >= best) & wrong).sum(dim=1)
     return ranks.masked_fill(~correct.any(dim=1), -1)
 
 

@@ -35,6 +35,7 @@ from .trainer import Beit3Trainer, global_contrastive_logits
 
 __all__ = [
     "OBJECTIVES",
+    "OBJECTIVE_INPUTS",
     "TOKENIZER_VIEWS",
     "ObjectiveSchedule",
     "PretrainingTrainer",
@@ -55,19 +56,29 @@ logger = logging.getLogger(__name__)
 OBJECTIVES: tuple[str, ...] = ("text_mlm", "pair_mlm", "image_mim", "itc")
 
 
+#: The inputs of each objective's `PretrainingCollator` batches (besides ``objective``), which tell them apart.
+OBJECTIVE_INPUTS: dict[str, frozenset[str]] = {
+    "text_mlm": frozenset({"input_ids", "attention_mask", "mlm_labels"}),
+    "pair_mlm": frozenset({"pixel_values", "input_ids", "attention_mask", "mlm_labels"}),
+    "image_mim": frozenset({"pixel_values", "bool_masked_pos"}),  # and tokenizer_pixel_values for token targets
+    "itc": frozenset({"pixel_values", "input_ids", "attention_mask"}),
+}
+
+
 def batch_objective(batch: Mapping[str, Any]) -> str:
-    """The objective of a `PretrainingCollator` batch, told by its keys, which differ for each objective: no read of
-    its ``objective`` tensor, which is on the GPU once the batch is (a read would stall the host every step).
+    """The objective of a `PretrainingCollator` batch, told by its inputs (`OBJECTIVE_INPUTS`): no read of its
+    ``objective`` tensor, which is on the GPU once the batch is (a read would stall the host every step).
 
     Example:
         >>> batch_objective({"input_ids": 0, "attention_mask": 0, "mlm_labels": 0})
         'text_mlm'
     """
-    if "bool_masked_pos" in batch:
-        return "image_mim"
-    if "mlm_labels" not in batch:
-        return "itc"
-    return "pair_mlm" if "pixel_values" in batch else "text_mlm"
+    inputs = set(batch) - {"objective", "tokenizer_pixel_values"}
+    for name, expected in OBJECTIVE_INPUTS.items():
+        if inputs == expected:
+            return name
+    known = "; ".join(f"{name}: {sorted(keys)}" for name, keys in OBJECTIVE_INPUTS.items())
+    raise ValueError(f"A pretraining batch with inputs {sorted(batch)} is none of the objectives' batches ({known}).")
 
 
 def parse_objectives(spec: str) -> dict[str, float]:

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from beit3_hf.data import load_caption_jsonl, load_karpathy_split
+from beit3_hf.testing import synthetic_data
 from beit3_hf.testing.synthetic_data import (
     COLOURS,
     POSITIONS,
@@ -430,3 +431,12 @@ def test_text_tokenizer_bytes_do_not_depend_on_where_it_is_written(tmp_path):
     first = train_text_tokenizer(texts, tmp_path / "a" / "spm.model").read_bytes()
     assert train_text_tokenizer(texts, tmp_path / "elsewhere" / "other.model").read_bytes() == first
     assert str(tmp_path).encode() not in first  # the file-based trainer recorded its corpus and output paths
+
+
+def test_unwritable_output_is_refused_before_rendering(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    rendered = []
+    monkeypatch.setattr(synthetic_data, "render_scene", lambda *args: rendered.append(args))
+    with pytest.raises(PermissionError, match="a-file is not a writable folder"):
+        write_synthetic_dataset(tmp_path / "a-file" / "data", **SMALL)
+    assert rendered == []

@@ -573,6 +573,9 @@ def _write_owned_folder(
         and all((root / rel).is_file() and (root / rel).stat().st_size == size for rel, size in manifest["files"])
     ):
         return
+    existing = next(folder for folder in (root, *root.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):  # found before the (long) rendering
+        raise PermissionError(f"{root} cannot be written: {existing} is not a writable folder")
     files = make_files()  # before anything is written: a refused option leaves the filesystem untouched
     root.mkdir(parents=True, exist_ok=True)
     # Mark the folder as ours before writing any file, so that an interrupted run can be resumed.
